@@ -1,0 +1,9 @@
+"""Thin Python wrappers over ``torch.ops.graspext``: validation, fake (meta) kernels for ``torch.compile``.
+
+The operators and their schemas are declared once in ``csrc/ops/*.cpp``; the CPU and CUDA kernels live in
+``csrc/ops/cpu`` and ``csrc/ops/cuda``.
+"""
+
+from graspext.ops.scores import global_kth_value, masks_from_threshold, score_accumulate_
+
+__all__ = ["score_accumulate_", "global_kth_value", "masks_from_threshold"]
