@@ -37,7 +37,7 @@ void check_score_accumulate_args(at::TensorList scores, at::TensorList weights, 
 
 TORCH_LIBRARY_FRAGMENT(graspext, m) {
   m.def(
-      "score_accumulate_(Tensor(a!)[] scores, Tensor[] weights, Tensor[] values, float alpha, str mode) -> ()");
+      "score_accumulate_(Tensor(a!)[] scores, Tensor[] weights, Tensor[] values, float alpha, str score_mode) -> ()");
 }
 
 }  // namespace graspext::ops

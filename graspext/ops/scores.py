@@ -117,7 +117,7 @@ def masks_from_threshold(
 
 # Fake kernels: shapes and dtypes only, so torch.compile / FakeTensor can trace the ops.
 @torch.library.register_fake("graspext::score_accumulate_")
-def _(scores, weights, values, alpha, mode):
+def _(scores, weights, values, alpha, score_mode):
     return None
 
 

@@ -1,0 +1,196 @@
+"""``Masks``: keep-masks keyed by parameter name, with reporting, persistence and enforcement."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune as torch_prune
+
+_FORMAT = "graspext.masks"
+_FORMAT_VERSION = 1
+
+
+def _split_param_name(name: str) -> tuple[str, str]:
+    module_name, _, attr = name.rpartition(".")
+    return module_name, attr
+
+
+@dataclass
+class MaskHandle:
+    """Returned by :meth:`Masks.apply_`; ``remove()`` detaches the gradient hooks (weights stay pruned)."""
+
+    hooks: list[Any] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+class Masks(Mapping[str, Tensor]):
+    """A mapping from parameter name (``"features.0.weight"``) to a bool tensor, True where the weight is kept.
+
+    ``meta`` holds how the masks were made (method, sparsity, options) and is saved with them.
+    """
+
+    def __init__(self, masks: Mapping[str, Tensor], meta: Mapping[str, Any] | None = None):
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks must be a mapping from parameter name to bool tensor, got {type(masks).__name__}")
+        self._masks: dict[str, Tensor] = {}
+        for name, m in masks.items():
+            if not isinstance(name, str):
+                raise TypeError(f"masks keys must be parameter names (str), got {name!r}")
+            if not isinstance(m, Tensor) or m.dtype != torch.bool:
+                got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+                raise TypeError(f"masks[{name!r}] must be a bool tensor, got {got}")
+            self._masks[name] = m
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # Mapping protocol
+    def __getitem__(self, name: str) -> Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    # Counts
+    def num_kept(self) -> int:
+        return sum(int(m.sum()) for m in self._masks.values())
+
+    def num_total(self) -> int:
+        return sum(m.numel() for m in self._masks.values())
+
+    def density(self) -> float:
+        """Fraction of the masked weights that are kept."""
+        total = self.num_total()
+        return self.num_kept() / total if total else 1.0
+
+    def sparsity(self) -> float:
+        return 1.0 - self.density()
+
+    def layer_densities(self) -> dict[str, float]:
+        return {n: (float(m.float().mean()) if m.numel() else 1.0) for n, m in self._masks.items()}
+
+    def collapsed_layers(self) -> list[str]:
+        """Layers with no weight left: the network is disconnected there (layer collapse)."""
+        return [n for n, m in self._masks.items() if m.numel() and not bool(m.any())]
+
+    def summary(self) -> str:
+        """A table of per-layer kept/total and density, with the total, as text."""
+        rows = [("layer", "shape", "kept", "total", "density")]
+        for n, m in self._masks.items():
+            kept = int(m.sum())
+            flag = "  <- collapsed" if m.numel() and kept == 0 else ""
+            rows.append((n, "x".join(map(str, m.shape)), str(kept), str(m.numel()),
+                         f"{kept / max(m.numel(), 1):.4f}{flag}"))
+        rows.append(("total", "", str(self.num_kept()), str(self.num_total()), f"{self.density():.4f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = []
+        for i, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+                         + "  " + r[4])
+            if i == 0 or i == len(rows) - 2:
+                lines.append("-" * (sum(widths) + 8 + 14))
+        method = self.meta.get("method")
+        head = f"graspext masks ({method}, sparsity {self.sparsity():.4f})" if method else "graspext masks"
+        return head + "\n" + "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Masks({len(self)} layers, density={self.density():.4f}, meta={self.meta})"
+
+    def to(self, device: torch.device | str) -> Masks:
+        return Masks({n: m.to(device) for n, m in self._masks.items()}, self.meta)
+
+    # Persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes atomically: a crash mid-write never leaves a file that looks complete."""
+        path = os.fspath(path)
+        payload = {"format": _FORMAT, "version": _FORMAT_VERSION, "meta": self.meta,
+                   "masks": {n: m.cpu() for n, m in self._masks.items()}}
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".masks-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Masks:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"path: no masks file at {path!r}")
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"path: {path!r} is not a readable graspext masks file ({exc})") from exc
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise ValueError(f"path: {path!r} is not a graspext masks file (missing format tag)")
+        if payload.get("version") != _FORMAT_VERSION:
+            raise ValueError(f"path: {path!r} has masks format version {payload.get('version')}, "
+                             f"this graspext reads version {_FORMAT_VERSION}")
+        return cls(payload["masks"], payload.get("meta"))
+
+    # Model interaction
+    def check_fits(self, model: nn.Module) -> None:
+        """Raises ValueError naming the first mask that has no parameter, or the wrong shape, in ``model``."""
+        params = dict(model.named_parameters())
+        for name, m in self._masks.items():
+            if name not in params:
+                raise ValueError(f"masks: {name!r} is not a parameter of the model")
+            if tuple(params[name].shape) != tuple(m.shape):
+                raise ValueError(f"masks: {name!r} has shape {tuple(m.shape)} but the model's parameter has "
+                                 f"{tuple(params[name].shape)}")
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module) -> MaskHandle:
+        """Zeroes the pruned weights of ``model`` in place and keeps them exactly zero during training.
+
+        A gradient hook zeroes their gradients, so SGD (with momentum and weight decay), Adam and AdamW leave
+        them at zero when the optimizer state starts fresh. Returns a handle whose ``remove()`` drops the hooks.
+        """
+        self.check_fits(model)
+        params = dict(model.named_parameters())
+        handle = MaskHandle()
+        for name, m in self._masks.items():
+            p = params[name]
+            mask = m.to(device=p.device)
+            p.mul_(mask)
+            if p.requires_grad:
+                handle.hooks.append(p.register_hook(lambda g, mask=mask: g * mask))
+        return handle
+
+    def to_torch_prune(self, model: nn.Module) -> nn.Module:
+        """Applies the masks with ``torch.nn.utils.prune.custom_from_mask`` (``weight_orig`` + ``weight_mask``)."""
+        self.check_fits(model)
+        for name, m in self._masks.items():
+            module_name, attr = _split_param_name(name)
+            module = model.get_submodule(module_name)
+            torch_prune.custom_from_mask(module, attr, m.to(getattr(module, attr).device))
+        return model
+
+    @classmethod
+    def from_torch_prune(cls, model: nn.Module) -> Masks:
+        """Reads the masks of every ``torch.nn.utils.prune`` reparametrization in ``model``."""
+        masks = {}
+        for module_name, module in model.named_modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, torch_prune.BasePruningMethod):
+                    attr = hook._tensor_name
+                    mask = getattr(module, attr + "_mask")
+                    masks[f"{module_name}.{attr}" if module_name else attr] = mask.detach().bool().clone()
+        if not masks:
+            raise ValueError("model: it has no torch.nn.utils.prune masks")
+        return cls(masks, {"source": "torch.nn.utils.prune"})

@@ -1,0 +1,176 @@
+"""Pruning at initialization: ``prune`` (scores -> exact-count masks) and ``scores``.
+
+Every method implements only ``score()`` (``graspext/pruning/<method>.py``); scope, rounds and mask making
+are shared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graspext.masks import Masks
+from graspext.pruning import grasp, magnitude, snip, synflow  # noqa: F401  (registers the methods)
+from graspext.pruning import data as D
+from graspext.pruning.base import REGISTRY, Method, ScoringContext
+from graspext.pruning.layers import FilterFn, prunable_modules, weight_name
+from graspext.pruning.selection import (LayerCollapseWarning, check_sparsity, erk_densities, layer_removals,
+                                        num_to_remove, report_collapse, select_masks)
+
+__all__ = ["prune", "scores", "METHODS", "LayerCollapseWarning"]
+
+METHODS = REGISTRY
+SCOPES = ("global", "layerwise")
+DISTRIBUTIONS = ("uniform", "erk")
+SCHEDULES = ("exponential", "linear")
+ON_COLLAPSE = ("warn", "raise", "ignore")
+
+
+def _make_method(method: str, options: dict[str, Any]) -> Method:
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    return METHODS[method.lower()](**options)
+
+
+def _choice(value, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _context(model, data, masks, filter_fn, exclude, keep_first_dense, keep_last_dense, method) -> ScoringContext:
+    modules = prunable_modules(model, filter_fn=filter_fn, exclude=exclude, keep_first_dense=keep_first_dense,
+                               keep_last_dense=keep_last_dense)
+    D.check_data(data, required=method.needs_data)
+    return ScoringContext(model=model, modules=modules, data=data, masks=masks)
+
+
+def _round_sparsity(sparsity: float, round_index: int, rounds: int, schedule: str) -> float:
+    # Official Synaptic-Flow prune_loop: density^((k+1)/rounds) (exponential) or linear in the density.
+    density = 1.0 - sparsity
+    frac = (round_index + 1) / rounds
+    return 1.0 - (density ** frac if schedule == "exponential" else 1.0 - sparsity * frac)
+
+
+def _check_scores(method: Method, names: list[str], params: list[Tensor], scores: list[Tensor]) -> None:
+    if len(scores) != len(params):
+        raise RuntimeError(f"method {method.name!r} returned {len(scores)} score tensors for {len(params)} layers")
+    for n, p, s in zip(names, params, scores):
+        if s.shape != p.shape:
+            raise RuntimeError(f"method {method.name!r} returned scores of shape {tuple(s.shape)} for {n} "
+                               f"of shape {tuple(p.shape)}")
+
+
+def scores(
+    model: nn.Module,
+    method: str,
+    data=None,
+    *,
+    masks: Masks | None = None,
+    filter_fn: FilterFn | None = None,
+    exclude: str | Sequence[str] | None = None,
+    keep_first_dense: bool = False,
+    keep_last_dense: bool = False,
+    **options: Any,
+) -> dict[str, Tensor]:
+    """Scores of one scoring round, by parameter name, for users who make their own masks.
+
+    Sign convention per method: GraSP removes the largest scores, every other method the smallest.
+    ``masks`` (optional) are applied to a copy of the model first. The model is never modified.
+    """
+    m = _make_method(method, options)
+    if masks is not None:
+        masks.check_fits(model)
+    ctx = _context(model, data, dict(masks) if masks is not None else None, filter_fn, exclude,
+                   keep_first_dense, keep_last_dense, m)
+    out = m.score(ctx)
+    _check_scores(m, ctx.names, [mod.weight for mod in ctx.modules.values()], out)
+    return dict(zip(ctx.names, (s.detach() for s in out)))
+
+
+def prune(
+    model: nn.Module,
+    method: str,
+    sparsity: float,
+    data=None,
+    *,
+    scope: str = "global",
+    distribution: str = "uniform",
+    rounds: int | None = None,
+    schedule: str = "exponential",
+    filter_fn: FilterFn | None = None,
+    exclude: str | Sequence[str] | None = None,
+    keep_first_dense: bool = False,
+    keep_last_dense: bool = False,
+    on_collapse: str = "warn",
+    **options: Any,
+) -> Masks:
+    """Prune ``model`` at initialization; returns :class:`graspext.Masks` (True = kept). ``model`` is not modified.
+
+    Args:
+        method: ``"grasp"``, ``"snip"``, ``"synflow"``, ``"magnitude"`` or ``"random"``.
+        sparsity: fraction of the prunable weights removed, in [0, 1); exactly ``floor(N * sparsity)`` go.
+        data: a DataLoader or an ``(inputs, targets)`` pair used exactly as given (GraSP and SNIP need it;
+            SynFlow reads only the input shape from it).
+        scope: ``"global"`` ranks all layers together; ``"layerwise"`` prunes each layer to the density
+            ``distribution`` gives it (``"uniform"`` or ``"erk"``), still removing exactly the total count.
+        rounds, schedule: iterative pruning (SynFlow defaults to 100 exponential rounds, others to 1).
+        filter_fn, exclude, keep_first_dense, keep_last_dense: which Conv2d/Linear weights are pruned.
+        on_collapse: a layer left with no weight ``"warn"`` s (default), ``"raise"`` s, or is ``"ignore"`` d.
+        **options: the method's own options (e.g. GraSP's ``temperature``, ``num_chunks``, ``engine``).
+    """
+    sparsity = check_sparsity(sparsity)
+    _choice(scope, "scope", SCOPES)
+    _choice(distribution, "distribution", DISTRIBUTIONS)
+    _choice(schedule, "schedule", SCHEDULES)
+    _choice(on_collapse, "on_collapse", ON_COLLAPSE)
+    if scope == "global" and distribution != "uniform":
+        raise ValueError("distribution applies to scope='layerwise' only; global scope ranks all layers together")
+    m = _make_method(method, options)
+    if rounds is None:
+        rounds = m.default_rounds
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    ctx = _context(model, data, None, filter_fn, exclude, keep_first_dense, keep_last_dense, m)
+    names = ctx.names
+    params = [mod.weight for mod in ctx.modules.values()]
+    sizes = [p.numel() for p in params]
+    total = sum(sizes)
+    densities = (erk_densities([tuple(p.shape) for p in params], 1.0 - sparsity) if distribution == "erk"
+                 else [1.0 - sparsity] * len(params))
+
+    masks: list[Tensor] | None = None
+    kept: list[int] = sizes
+    for r in range(rounds):
+        target = sparsity if rounds == 1 else _round_sparsity(sparsity, r, rounds, schedule)
+        ctx.masks = dict(zip(names, masks)) if masks is not None else None
+        round_scores = m.score(ctx)
+        _check_scores(m, names, params, round_scores)
+        if masks is not None:
+            # Already-pruned weights rank first for removal, so a later round never revives one.
+            for s, keep in zip(round_scores, masks):
+                s.masked_fill_(~keep.to(s.device), torch.finfo(s.dtype).max * (1 if m.remove_largest else -1))
+        if scope == "global":
+            masks, kept = select_masks(round_scores, num_to_remove(total, target), m.remove_largest)
+        else:
+            round_densities = [1.0 - (1.0 - d) * target / sparsity if sparsity else 1.0 for d in densities]
+            counts = layer_removals(sizes, round_densities, num_to_remove(total, target))
+            masks, kept = [], []
+            for s, c in zip(round_scores, counts):
+                mk, kc = select_masks([s], c, m.remove_largest)
+                masks += mk
+                kept += kc
+        del round_scores
+
+    collapsed = report_collapse(names, kept, on_collapse)
+    meta = {"method": m.name, "sparsity": sparsity, "scope": scope, "distribution": distribution,
+            "rounds": rounds, "schedule": schedule, "options": {k: _plain(v) for k, v in options.items()},
+            "collapsed_layers": collapsed}
+    return Masks({n: mk.to(p.device) for n, mk, p in zip(names, masks, params)}, meta)
+
+
+def _plain(v):
+    return v if isinstance(v, (int, float, str, bool, type(None), tuple, list)) else repr(v)

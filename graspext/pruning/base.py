@@ -1,0 +1,121 @@
+"""What every scoring method shares: options parsing, the working copy, the registry.
+
+A method only implements ``score()`` (as in Synaptic-Flow's pruners); masking, scope and rounds are shared
+(``graspext.pruning.prune``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from graspext.pruning.layers import weight_name
+
+
+@dataclass
+class ScoringContext:
+    model: nn.Module                   # the caller's model: never modified
+    modules: dict[str, nn.Module]      # prunable modules by module name, in model order
+    data: Any                          # DataLoader, (inputs, targets) pair, or None
+    masks: dict[str, Tensor] | None    # current keep-masks by parameter name (later rounds), else None
+
+    @property
+    def names(self) -> list[str]:
+        return [weight_name(n) for n in self.modules]
+
+
+class Method:
+    name: ClassVar[str]
+    remove_largest: ClassVar[bool] = False   # GraSP removes its largest scores; the others their smallest
+    needs_data: ClassVar[bool] = True
+    default_rounds: ClassVar[int] = 1
+    Options: ClassVar[type]
+
+    def __init__(self, **options: Any):
+        valid = [f.name for f in dataclasses.fields(self.Options)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {self.name!r}; "
+                            f"its options are: {', '.join(valid) or 'none'}")
+        self.options = self.Options(**options)
+
+    def score(self, ctx: ScoringContext) -> list[Tensor]:
+        """One score tensor per prunable weight, in ``ctx.names`` order (same shapes)."""
+        raise NotImplementedError
+
+
+def check_int(value, name: str, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_bool(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_positive(value, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def generator_for(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None  # the global RNG, as the official code
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def working_copy(ctx: ScoringContext) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A deep copy of the model and its prunable weights; only those weights require grad."""
+    work = copy.deepcopy(ctx.model)
+    for p in work.parameters():
+        p.requires_grad_(False)
+    weights = [work.get_submodule(n).weight for n in ctx.modules]
+    for w in weights:
+        w.requires_grad_(True)
+    return work, weights
+
+
+@torch.no_grad()
+def apply_masks_(weights: list[Tensor], ctx: ScoringContext) -> None:
+    if ctx.masks is not None:
+        for w, name in zip(weights, ctx.names):
+            w.mul_(ctx.masks[name].to(w.device))
+
+
+def score_dtype(t: Tensor) -> torch.dtype:
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def zeros_like_scores(weights: list[Tensor]) -> list[Tensor]:
+    return [torch.zeros(w.shape, dtype=score_dtype(w), device=w.device) for w in weights]
+
+
+def disable_running_stats_(model: nn.Module) -> None:
+    """In train mode BatchNorm normalizes with batch statistics either way; not tracking running stats
+    leaves outputs unchanged and keeps buffers out of functional transforms."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = None
+            m.running_var = None
+            m.num_batches_tracked = None
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    REGISTRY[cls.name] = cls
+    return cls

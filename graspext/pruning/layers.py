@@ -1,0 +1,67 @@
+"""Which parameters are pruned: Conv2d and Linear weights by default, narrowed by include/exclude rules."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _patterns(value, name: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{name} must be a module-name pattern or a list of them (fnmatch style), got {value!r}")
+
+
+def prunable_modules(
+    model: nn.Module,
+    *,
+    filter_fn: FilterFn | None = None,
+    exclude: str | Sequence[str] | None = None,
+    keep_first_dense: bool = False,
+    keep_last_dense: bool = False,
+) -> dict[str, nn.Module]:
+    """Modules whose ``weight`` is pruned, keyed by module name, in ``model.modules()`` order.
+
+    ``filter_fn(module, name)`` (as in torchao's ``sparsify_``) replaces the default type test;
+    ``exclude`` drops modules whose name matches any fnmatch pattern; ``keep_first_dense`` /
+    ``keep_last_dense`` drop the first / last candidate (e.g. the input conv and the classifier).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable as filter_fn(module, name), got {filter_fn!r}")
+    excluded = _patterns(exclude, "exclude")
+    chosen: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        wanted = filter_fn(module, name) if filter_fn is not None else isinstance(module, PRUNABLE_TYPES)
+        if wanted and not any(fnmatch.fnmatchcase(name, p) for p in excluded):
+            chosen[name] = module
+    names = list(chosen)
+    if keep_first_dense and names:
+        chosen.pop(names[0])
+    if keep_last_dense and len(names) > 1:
+        chosen.pop(names[-1])
+    if not chosen:
+        raise ValueError(
+            "model: no prunable layer found (looked for Conv2d and Linear weights"
+            + (" after filter_fn/exclude/keep_*_dense" if filter_fn or excluded or keep_first_dense
+               or keep_last_dense else "") + ")"
+        )
+    return chosen
+
+
+def weight_name(module_name: str) -> str:
+    return f"{module_name}.weight" if module_name else "weight"
