@@ -9,9 +9,9 @@ from graspext import _extension
 
 _C = _extension.load()
 
-from graspext import ops  # noqa: E402
+from graspext import models, ops  # noqa: E402
 from graspext.masks import Masks  # noqa: E402
 from graspext.pruning import METHODS, LayerCollapseWarning, prune, scores  # noqa: E402
 from graspext.version import __version__  # noqa: E402
 
-__all__ = ["prune", "scores", "Masks", "METHODS", "LayerCollapseWarning", "ops", "__version__"]
+__all__ = ["prune", "scores", "Masks", "METHODS", "LayerCollapseWarning", "ops", "models", "__version__"]

@@ -98,6 +98,14 @@ def layer_removals(sizes: Sequence[int], densities: Sequence[float], total_remov
         if densities[i] < 1.0 and counts[i] < sizes[i]:
             counts[i] += 1
             short -= 1
+    # Layers capped at empty can leave more to remove: take it from the others' spare weights, largest first.
+    for i in sorted(range(len(sizes)), key=lambda i: (-(sizes[i] - counts[i]), i)):
+        if short <= 0:
+            break
+        if densities[i] < 1.0:
+            extra = min(short, sizes[i] - counts[i])
+            counts[i] += extra
+            short -= extra
     if short != 0:  # only when every non-dense layer is already empty
         raise ValueError(f"sparsity: cannot remove {total_remove} weights with this distribution")
     return counts

@@ -1,0 +1,149 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import graspext as gx
+from graspext.pruning import data as D
+from graspext.testing.official import grasp_official
+from tests.conftest import DEVICES, class_sorted_batch
+
+
+def _agreement(a, b):
+    return sum(int((a[n] & b[n]).sum()) for n in a) / a.num_kept()
+
+
+def _loader(n=120, num_classes=10, size=8, batch_size=32, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g, dtype=dtype)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+@pytest.mark.parametrize("kind", ["vgg", "resnet"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.98])
+def test_identical_to_official_loop_float64(make_model, kind, sparsity):
+    model = make_model(kind, dtype=torch.float64)
+    x, y = class_sorted_batch(per_class=4, dtype=torch.float64)
+    ours = gx.prune(model, "grasp", sparsity, (x, y), seed=3)
+    ref = grasp_official(model, sparsity, [(x, y)], reinit_generator=torch.Generator().manual_seed(3))
+    assert list(ours) == list(ref)
+    for name in ref:
+        assert torch.equal(ours[name], ref[name]), name
+    assert ours.num_total() - ours.num_kept() == int(ours.num_total() * sparsity)
+
+
+def test_loader_class_balanced_iterations_match_official(make_model):
+    model = make_model("vgg", dtype=torch.float64)
+    loader = _loader()
+    ours = gx.prune(model, "grasp", 0.9, loader, samples_per_class=2, iterations=2, num_classes=10, seed=1)
+    sets = [D.class_balanced_batch(loader, 10, 2) for _ in range(2)]
+    ref = grasp_official(model, 0.9, sets, reinit_generator=torch.Generator().manual_seed(1))
+    for name in ref:
+        assert torch.equal(ours[name], ref[name]), name
+
+
+def test_reinit_off_and_temperature_match_official(make_model):
+    model = make_model("resnet", dtype=torch.float64)
+    x, y = class_sorted_batch(per_class=3, dtype=torch.float64)
+    ours = gx.prune(model, "grasp", 0.8, (x, y), reinit_linear=False, temperature=1.0)
+    ref = grasp_official(model, 0.8, [(x, y)], reinit=False, temperature=1.0)
+    for name in ref:
+        assert torch.equal(ours[name], ref[name]), name
+
+
+def test_official_selection_differs_only_by_its_off_by_one(make_model):
+    # The official `<=` test keeps the k-th largest score itself: it removes one weight fewer than asked.
+    # Otherwise (no ties at the threshold) the two selections agree exactly.
+    model = make_model("vgg", dtype=torch.float64)
+    x, y = class_sorted_batch(per_class=4, dtype=torch.float64)
+    ours = gx.prune(model, "grasp", 0.9, (x, y), seed=0)
+    ref = grasp_official(model, 0.9, [(x, y)], reinit_generator=torch.Generator().manual_seed(0), exact_count=False)
+    extra_kept = sum(int((ref[n] & ~ours[n]).sum()) for n in ref)
+    missing = sum(int((ours[n] & ~ref[n]).sum()) for n in ref)
+    assert (extra_kept, missing) == (1, 0)
+
+
+@pytest.mark.parametrize("kind", ["vgg", "resnet"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_over_reverse_engine_agrees(make_model, kind, dtype):
+    model = make_model(kind, dtype=dtype, width=16)
+    x, y = class_sorted_batch(per_class=10, dtype=dtype)
+    exact = gx.prune(model, "grasp", 0.9, (x, y), seed=0)
+    fast = gx.prune(model, "grasp", 0.9, (x, y), seed=0, engine="forward_over_reverse")
+    assert _agreement(exact, fast) >= 0.99
+
+
+@pytest.mark.parametrize("kind", ["vgg", "resnet"])
+def test_finite_difference_engine_agrees_float64(make_model, kind):
+    model = make_model(kind, dtype=torch.float64, width=16)
+    x, y = class_sorted_batch(per_class=10, dtype=torch.float64)
+    exact = gx.prune(model, "grasp", 0.9, (x, y), seed=0)
+    fast = gx.prune(model, "grasp", 0.9, (x, y), seed=0, engine="finite_difference")
+    assert _agreement(exact, fast) >= 0.99
+
+
+def test_scores_sign_convention(make_model):
+    # GraSP removes its largest scores: every kept score is <= every removed score.
+    model = make_model("vgg", dtype=torch.float64)
+    x, y = class_sorted_batch(dtype=torch.float64)
+    s = gx.scores(model, "grasp", (x, y), seed=0)
+    m = gx.prune(model, "grasp", 0.7, (x, y), seed=0)
+    kept = torch.cat([s[n][m[n]] for n in s])
+    removed = torch.cat([s[n][~m[n]] for n in s])
+    assert kept.max() <= removed.min()
+
+
+def test_model_not_modified(make_model):
+    model = make_model("vgg")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    gx.prune(model, "grasp", 0.9, class_sorted_batch())
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runs_on_device_and_masks_stay_there(make_model, device):
+    model = make_model("vgg").to(device)
+    masks = gx.prune(model, "grasp", 0.9, class_sorted_batch(), seed=0)
+    assert all(m.device.type == device for m in masks.values())
+    if device == "cuda":
+        cpu_masks = gx.prune(model.double().cpu(), "grasp", 0.9, class_sorted_batch(dtype=torch.float64), seed=0)
+        cuda_masks = gx.prune(model.double().cuda(), "grasp", 0.9, class_sorted_batch(dtype=torch.float64), seed=0)
+        assert _agreement(cpu_masks, cuda_masks.to("cpu")) >= 0.999
+
+
+def test_bad_options(make_model):
+    model = make_model("vgg")
+    data = class_sorted_batch()
+    with pytest.raises(ValueError, match="engine must be one of"):
+        gx.prune(model, "grasp", 0.9, data, engine="magic")
+    with pytest.raises(ValueError, match="temperature must be a positive number"):
+        gx.prune(model, "grasp", 0.9, data, temperature=0)
+    with pytest.raises(ValueError, match="num_chunks must be an int >= 1"):
+        gx.prune(model, "grasp", 0.9, data, num_chunks=0)
+    with pytest.raises(ValueError, match="num_chunks=41 exceeds the 40 scoring samples"):
+        gx.prune(model, "grasp", 0.9, data, num_chunks=41)
+    with pytest.raises(ValueError, match="pair is used exactly as given"):
+        gx.prune(model, "grasp", 0.9, data, iterations=2)
+    with pytest.raises(TypeError, match="unknown option.*'temprature'.*for method 'grasp'"):
+        gx.prune(model, "grasp", 0.9, data, temprature=100)
+
+
+def test_too_small_loader(make_model):
+    model = make_model("vgg")
+    loader = _loader(n=30, dtype=torch.float32)
+    with pytest.raises(ValueError, match="data: the loader ran out after 30 samples.*samples_per_class=10"):
+        gx.prune(model, "grasp", 0.9, loader, samples_per_class=10)
+    with pytest.raises(ValueError, match="data: the loader yielded no samples"):
+        gx.prune(model, "grasp", 0.9, DataLoader(TensorDataset(torch.zeros(0, 3, 8, 8), torch.zeros(0).long())))
+
+
+def test_nan_scores_raise(make_model):
+    model = make_model("vgg")
+    with torch.no_grad():
+        model.features[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        gx.prune(model, "grasp", 0.9, class_sorted_batch())

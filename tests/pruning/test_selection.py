@@ -1,0 +1,124 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import graspext as gx
+from graspext.pruning.selection import erk_densities, layer_removals, num_to_remove
+from tests.conftest import class_sorted_batch
+
+
+@pytest.mark.parametrize("method", ["grasp", "snip", "synflow", "magnitude", "random"])
+@pytest.mark.parametrize("scope, distribution", [("global", "uniform"), ("layerwise", "uniform"),
+                                                 ("layerwise", "erk")])
+def test_every_method_and_scope_removes_exact_count(make_model, method, scope, distribution):
+    model = make_model("resnet")
+    masks = gx.prune(model, method, 0.9, class_sorted_batch(), scope=scope, distribution=distribution,
+                     **({"rounds": 3} if method == "synflow" else {}), on_collapse="ignore")
+    assert masks.num_total() - masks.num_kept() == num_to_remove(masks.num_total(), 0.9)
+
+
+def test_layerwise_uniform_density_per_layer(make_model):
+    model = make_model("vgg")
+    masks = gx.prune(model, "magnitude", 0.75, scope="layerwise")
+    for name, d in masks.layer_densities().items():
+        assert abs(d - 0.25) <= 1.0 / masks[name].numel() + 1e-9, name
+
+
+def test_erk_formula_and_dense_capping():
+    shapes = [(16, 3, 3, 3), (32, 16, 3, 3), (64, 32, 3, 3), (10, 64)]
+    dens = erk_densities(shapes, 0.1)
+    sizes = [math.prod(s) for s in shapes]
+    assert abs(sum(d * n for d, n in zip(dens, sizes)) - 0.1 * sum(sizes)) < 1e-6 * sum(sizes)
+    raw = [sum(s) / math.prod(s) for s in shapes]
+    free = [i for i, d in enumerate(dens) if d < 1]
+    ratios = {round(dens[i] / raw[i], 9) for i in free}
+    assert len(ratios) == 1  # density proportional to the ERK raw probability
+    high = erk_densities([(4, 3, 3, 3), (512, 512, 3, 3)], 0.5)
+    assert high[0] == 1.0 and high[1] < 0.5
+
+
+def test_layer_removals_exact_total():
+    sizes = [10, 33, 1000, 7]
+    densities = [0.1, 0.37, 0.05, 1.0]
+    counts = layer_removals(sizes, densities, 980)  # ideal 9 + 20.79 + 950 + 0 = 979.79
+    assert counts == [9, 21, 950, 0]
+    capped = layer_removals(sizes, densities, 1040)  # more than the densities ask: spread, never past a layer
+    assert sum(capped) == 1040 and capped[3] == 0
+    assert all(0 <= c <= n for c, n in zip(capped, sizes))
+    with pytest.raises(ValueError, match="cannot remove 1044"):
+        layer_removals(sizes, densities, 1044)
+
+
+def test_layer_collapse_detected(make_model):
+    model = make_model("vgg")
+    with torch.no_grad():
+        model.features[0].weight.mul_(1e-6)  # magnitude pruning will empty the first layer
+    with pytest.warns(gx.LayerCollapseWarning, match="features.0.weight"):
+        masks = gx.prune(model, "magnitude", 0.99)
+    assert "features.0.weight" in masks.collapsed_layers()
+    assert masks.meta["collapsed_layers"] == masks.collapsed_layers()
+    assert "collapsed" in masks.summary()
+    with pytest.raises(RuntimeError, match="layer collapse"):
+        gx.prune(model, "magnitude", 0.99, on_collapse="raise")
+
+
+def test_layer_selection_options(make_model):
+    model = make_model("vgg")
+    all_names = list(gx.prune(model, "magnitude", 0.5))
+    assert all_names[0] == "features.0.weight" and all_names[-1] == "classifier.weight"
+    assert list(gx.prune(model, "magnitude", 0.5, keep_first_dense=True)) == all_names[1:]
+    assert list(gx.prune(model, "magnitude", 0.5, keep_last_dense=True)) == all_names[:-1]
+    assert list(gx.prune(model, "magnitude", 0.5, exclude="classifier*")) == all_names[:-1]
+    only_linear = gx.prune(model, "magnitude", 0.5, filter_fn=lambda m, n: isinstance(m, nn.Linear))
+    assert list(only_linear) == ["classifier.weight"]
+
+
+@pytest.mark.parametrize("sparsity, match", [(1.0, r"sparsity must be in \[0, 1\)"), (-0.1, r"\[0, 1\)"),
+                                             (float("nan"), r"\[0, 1\)"), (True, "sparsity must be a number"),
+                                             ("0.9", "sparsity must be a number")])
+def test_bad_sparsity(make_model, sparsity, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        gx.prune(make_model("vgg"), "magnitude", sparsity)
+
+
+def test_bad_arguments(make_model):
+    model = make_model("vgg")
+    with pytest.raises(ValueError, match="method must be one of"):
+        gx.prune(model, "obd", 0.5)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        gx.prune(model, "magnitude", 0.5, scope="blockwise")
+    with pytest.raises(ValueError, match="distribution applies to scope='layerwise'"):
+        gx.prune(model, "magnitude", 0.5, distribution="erk")
+    with pytest.raises(ValueError, match="model: no prunable layer"):
+        gx.prune(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), "magnitude", 0.5)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        gx.prune("vgg", "magnitude", 0.5)
+    with pytest.raises(ValueError, match="data: this method needs data"):
+        gx.prune(model, "snip", 0.5)
+    with pytest.raises(TypeError, match="data must be a DataLoader"):
+        gx.prune(model, "snip", 0.5, data=torch.randn(4, 3, 8, 8))
+    with pytest.raises(TypeError, match="data: targets must be integer class indices"):
+        gx.prune(model, "snip", 0.5, data=(torch.randn(4, 3, 8, 8), torch.randn(4)))
+    with pytest.raises(ValueError, match="rounds must be an int >= 1"):
+        gx.prune(model, "magnitude", 0.5, rounds=0)
+    with pytest.raises(TypeError, match="unknown option"):
+        gx.prune(model, "magnitude", 0.5, seed=3)
+
+
+def test_zero_sparsity_keeps_everything(make_model):
+    masks = gx.prune(make_model("vgg"), "magnitude", 0.0)
+    assert masks.density() == 1.0
+
+
+def test_scores_api(make_model):
+    model = make_model("vgg")
+    s = gx.scores(model, "magnitude")
+    params = dict(model.named_parameters())
+    for n, t in s.items():
+        assert torch.equal(t, params[n].detach().abs())
+    masks = gx.prune(model, "magnitude", 0.5)
+    s2 = gx.scores(model, "snip", class_sorted_batch(), masks=masks, seed=0)
+    for n, t in s2.items():
+        assert torch.all(t[~masks[n]] == 0)

@@ -1,0 +1,20 @@
+import json
+
+import graspext as gx
+from graspext.cli import main
+
+
+def test_prune_command_writes_masks(tmp_path, capsys):
+    out = tmp_path / "masks.pt"
+    assert main(["prune", "--model", "vgg11_bn", "--method", "snip", "--sparsity", "0.9",
+                 "--samples-per-class", "2", "--out", str(out), "--json"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert result["method"] == "snip" and abs(result["sparsity"] - 0.9) < 1e-6
+    masks = gx.Masks.load(out)
+    assert masks.num_kept() == result["kept"] and "features.0.weight" in printed
+
+
+def test_prune_command_bad_input(capsys):
+    assert main(["prune", "--model", "vgg11_bn", "--method", "magnitude", "--sparsity", "1.5"]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
