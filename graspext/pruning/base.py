@@ -76,9 +76,18 @@ def generator_for(seed: int | None, device: torch.device) -> torch.Generator | N
     return gen
 
 
-def working_copy(ctx: ScoringContext) -> tuple[nn.Module, list[nn.Parameter]]:
-    """A deep copy of the model and its prunable weights; only those weights require grad."""
-    work = copy.deepcopy(ctx.model)
+def working_copy(ctx: ScoringContext, *, share_storage: bool = True) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A deep copy of the model and its prunable weights; only those weights require grad.
+
+    With ``share_storage`` the copy's parameters are new ``Parameter`` objects over the caller's storage (no
+    N-sized copy): their ``requires_grad`` and ``.grad`` are the copy's own, but their data must never be
+    written in place; use :func:`replace_weight` to change a weight. Buffers are always copied (train-mode
+    BatchNorm updates its running statistics).
+    """
+    memo = {}
+    if share_storage:
+        memo = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in ctx.model.parameters()}
+    work = copy.deepcopy(ctx.model, memo)
     for p in work.parameters():
         p.requires_grad_(False)
     weights = [work.get_submodule(n).weight for n in ctx.modules]
@@ -87,11 +96,28 @@ def working_copy(ctx: ScoringContext) -> tuple[nn.Module, list[nn.Parameter]]:
     return work, weights
 
 
-@torch.no_grad()
-def apply_masks_(weights: list[Tensor], ctx: ScoringContext) -> None:
+def replace_weight(work: nn.Module, module_name: str, value: Tensor) -> nn.Parameter:
+    """Gives ``work.<module_name>`` a new weight (leaving shared storage untouched); returns it."""
+    param = nn.Parameter(value, requires_grad=True)
+    work.get_submodule(module_name).weight = param
+    return param
+
+
+def reinit_xavier(work: nn.Module, module_names, generator) -> None:
+    """Xavier-normal weights for these modules, drawn in order (the same draws as in-place init)."""
+    for name in module_names:
+        fresh = torch.empty_like(work.get_submodule(name).weight)
+        nn.init.xavier_normal_(fresh, generator=generator)
+        replace_weight(work, name, fresh)
+
+
+def masked_weights(work: nn.Module, ctx: ScoringContext) -> list[nn.Parameter]:
+    """The copy's prunable weights, with the current masks applied (by replacement) in later rounds."""
     if ctx.masks is not None:
-        for w, name in zip(weights, ctx.names):
-            w.mul_(ctx.masks[name].to(w.device))
+        for module_name, name in zip(ctx.modules, ctx.names):
+            w = work.get_submodule(module_name).weight
+            replace_weight(work, module_name, w.detach() * ctx.masks[name].to(w.device))
+    return [work.get_submodule(n).weight for n in ctx.modules]
 
 
 def score_dtype(t: Tensor) -> torch.dtype:

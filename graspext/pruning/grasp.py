@@ -11,8 +11,7 @@ changes the result); logits divided by ``temperature``. Pass 1: g = sum over chu
 Hg = sum over chunks of H_chunk g.
 
 Hg engines: ``exact`` double backward (the official computation, the default); ``forward_over_reverse``
-(``torch.func.jvp`` of the gradient: exact in exact arithmetic, one forward-mode pass instead of a
-retained double-backward graph); ``finite_difference`` Hg ≈ (sum_c grad L_c(theta + eps g) - g) / eps,
+(forward-mode AD through the backward pass: exact in exact arithmetic, no retained double-backward graph); ``finite_difference`` Hg ≈ (sum_c grad L_c(theta + eps g) - g) / eps,
 reusing pass 1's g (one extra gradient per chunk).
 """
 
@@ -27,9 +26,9 @@ from torch import Tensor, nn
 
 from graspext import ops
 from graspext.pruning import data as D
-from graspext.pruning.base import (Method, ScoringContext, apply_masks_, check_bool, check_int, check_positive,
-                                   disable_running_stats_, generator_for, register, working_copy,
-                                   zeros_like_scores)
+from graspext.pruning.base import (Method, ScoringContext, check_bool, check_int, check_positive,
+                                   disable_running_stats_, generator_for, masked_weights, register, reinit_xavier,
+                                   replace_weight, working_copy, zeros_like_scores)
 
 ENGINES = ("exact", "forward_over_reverse", "finite_difference")
 DEFAULT_SAMPLES_PER_CLASS = 25  # official default; the CIFAR-10 configs use 10
@@ -60,6 +59,21 @@ class GraspOptions:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
 
 
+class _InnerWithConstant(torch.autograd.Function):
+    """<c, x> for a constant c, saving only c (a mul or dot node would also keep x, an N-sized gradient, alive
+    until the double backward). Its backward, 1 * c, is bitwise what the official (c * x).sum() gives."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, c: Tensor) -> Tensor:
+        ctx.save_for_backward(c)
+        return torch.dot(c.reshape(-1), x.reshape(-1))
+
+    @staticmethod
+    def backward(ctx, dz: Tensor):
+        (c,) = ctx.saved_tensors
+        return dz * c, None
+
+
 def _loss(model: nn.Module, x: Tensor, y: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(model(x) / temperature, y)
 
@@ -85,12 +99,10 @@ class GraSP(Method):
         o = self.options
         work, weights = working_copy(ctx)
         device, dtype = weights[0].device, weights[0].dtype
-        if o.reinit_linear:
-            gen = generator_for(o.seed, device)
-            for m in work.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_normal_(m.weight, generator=gen)
-        apply_masks_(weights, ctx)
+        if o.reinit_linear:  # official: every nn.Linear of the copy, in module order
+            reinit_xavier(work, [n for n, m in work.named_modules() if isinstance(m, nn.Linear)],
+                          generator_for(o.seed, device))
+        weights = masked_weights(work, ctx)
         work.train()
         if o.engine != "exact":
             disable_running_stats_(work)
@@ -112,17 +124,7 @@ class GraSP(Method):
             return self._exact(work, weights, chunks, g)
         if o.engine == "forward_over_reverse":
             return self._forward_over_reverse(work, weights, chunks, g)
-        return self._finite_difference(work, weights, chunks, g, self._unperturbed_theta(ctx, weights))
-
-    def _unperturbed_theta(self, ctx: ScoringContext, weights: list[Tensor]) -> list[Tensor]:
-        """theta before the finite-difference step moves the copy's weights: the caller's own weights where
-        the copy still equals them (no copy needed), else a clone (re-initialized or masked layers)."""
-        theta = []
-        for name, w in zip(ctx.modules, weights):
-            module = ctx.model.get_submodule(name)
-            changed = ctx.masks is not None or (self.options.reinit_linear and isinstance(module, nn.Linear))
-            theta.append(w.detach().clone() if changed else module.weight.detach())
-        return theta
+        return self._finite_difference(work, list(ctx.modules), weights, chunks, g)
 
     def _exact(self, work, weights, chunks, g) -> list[Tensor]:
         for w in weights:
@@ -131,8 +133,8 @@ class GraSP(Method):
             grads = torch.autograd.grad(_loss(work, cx, cy, self.options.temperature), weights, create_graph=True)
             z = 0
             for gi, gfi in zip(g, grads):
-                z += (gi * gfi).sum()
-            del grads
+                z += _InnerWithConstant.apply(gfi, gi)
+            del grads  # nothing in z's graph holds them: they are freed here
             z.backward(inputs=weights)  # accumulates H_chunk g into .grad, as the official z.backward()
         del g
         # S = -theta ⊙ Hg, written over Hg's storage: (-theta) * Hg == -(theta * Hg) exactly in IEEE.
@@ -143,36 +145,39 @@ class GraSP(Method):
         return scores
 
     def _forward_over_reverse(self, work, weights, chunks, g) -> list[Tensor]:
-        from torch.func import functional_call, grad, jvp
+        # Forward-mode AD over the ordinary backward: the weights enter as dual numbers (theta, g), so every
+        # activation carries its directional derivative along g and the gradient comes back as a dual whose
+        # tangent is H_chunk g. No double-backward graph is kept.
+        import torch.autograd.forward_ad as fwAD
+        from torch.func import functional_call
 
         names = [n for n, p in work.named_parameters() if p.requires_grad]
-        primals = {n: w.detach() for n, w in zip(names, weights)}
-        tangents = {n: gi for n, gi in zip(names, g)}
         theta = [w.detach() for w in weights]
         scores = zeros_like_scores(weights)
-        temperature = self.options.temperature
         for cx, cy in chunks:
-            def grad_fn(params, cx=cx, cy=cy):
-                return grad(lambda p: F.cross_entropy(functional_call(work, p, (cx,), strict=False) / temperature,
-                                                      cy))(params)
-            _, hg = jvp(grad_fn, (primals,), (tangents,))
-            ops.score_accumulate_(scores, theta, [hg[n] for n in names], 1.0, "neg_product")
-            del hg
+            with fwAD.dual_level():
+                duals = {n: fwAD.make_dual(w, gi) for n, w, gi in zip(names, weights, g)}
+                out = functional_call(work, duals, (cx,), strict=False)
+                grads = torch.autograd.grad(F.cross_entropy(out / self.options.temperature, cy), weights)
+                hg = [fwAD.unpack_dual(t).tangent for t in grads]
+                del out, duals, grads
+                ops.score_accumulate_(scores, theta, hg, 1.0, "neg_product")
+                del hg
         return scores
 
     @torch.no_grad()
-    def _finite_difference(self, work, weights, chunks, g, theta) -> list[Tensor]:
+    def _finite_difference(self, work, module_names, weights, chunks, g) -> list[Tensor]:
+        theta = [w.detach() for w in weights]  # the perturbed weights replace these, so theta stays intact
         eps = self.options.fd_epsilon
         if eps is None:  # relative step sqrt(machine eps), the usual forward-difference choice
             theta_norm = math.sqrt(sum(float(t.double().square().sum()) for t in theta))
             g_norm = math.sqrt(sum(float(gi.double().square().sum()) for gi in g))
-            eps = math.sqrt(torch.finfo(weights[0].dtype).eps) * (1.0 + theta_norm) / max(g_norm, 1e-30)
-        for w, gi in zip(weights, g):
-            w.add_(gi, alpha=eps)
+            eps = math.sqrt(torch.finfo(theta[0].dtype).eps) * (1.0 + theta_norm) / max(g_norm, 1e-30)
+        perturbed = [replace_weight(work, n, t + eps * gi) for n, t, gi in zip(module_names, theta, g)]
         scores = zeros_like_scores(weights)
         for cx, cy in chunks:
             with torch.enable_grad():
-                gp = torch.autograd.grad(_loss(work, cx, cy, self.options.temperature), weights)
+                gp = torch.autograd.grad(_loss(work, cx, cy, self.options.temperature), perturbed)
             ops.score_accumulate_(scores, theta, list(gp), 1.0 / eps, "neg_product")
             del gp
         ops.score_accumulate_(scores, theta, g, -1.0 / eps, "neg_product")

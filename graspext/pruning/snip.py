@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from graspext import ops
 from graspext.pruning import data as D
-from graspext.pruning.base import (Method, ScoringContext, apply_masks_, check_bool, check_int, generator_for,
-                                   register, working_copy, zeros_like_scores)
+from graspext.pruning.base import (Method, ScoringContext, check_bool, check_int, generator_for, masked_weights,
+                                   register, reinit_xavier, working_copy, zeros_like_scores)
 
 
 @dataclass
@@ -46,11 +46,8 @@ class SNIP(Method):
         work, weights = working_copy(ctx)
         device, dtype = weights[0].device, weights[0].dtype
         if o.reinit:
-            gen = generator_for(o.seed, device)
-            with torch.no_grad():
-                for w in weights:
-                    nn.init.xavier_normal_(w, generator=gen)
-        apply_masks_(weights, ctx)
+            reinit_xavier(work, list(ctx.modules), generator_for(o.seed, device))
+        weights = masked_weights(work, ctx)
         work.train(o.train_mode)
         if o.samples_per_class is not None:
             if D.is_pair(ctx.data):

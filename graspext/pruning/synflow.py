@@ -15,7 +15,7 @@ from torch import Tensor
 
 from graspext import ops
 from graspext.pruning import data as D
-from graspext.pruning.base import (Method, ScoringContext, apply_masks_, check_bool, register, working_copy,
+from graspext.pruning.base import (Method, ScoringContext, check_bool, masked_weights, register, working_copy,
                                    zeros_like_scores)
 
 
@@ -48,7 +48,8 @@ class SynFlow(Method):
             raise ValueError("data: SynFlow is data-free but needs the input shape: pass input_shape=(C, H, W) "
                              "or data to read it from")
         shape = o.input_shape or tuple(D.first_batch(ctx.data)[0].shape[1:])
-        work, weights = working_copy(ctx)
+        # A full copy: every parameter and buffer is made non-negative in place below.
+        work, _ = working_copy(ctx, share_storage=False)
         if o.double:
             work.double()
         work.train(o.train_mode)
@@ -56,7 +57,7 @@ class SynFlow(Method):
             for t in list(work.parameters()) + list(work.buffers()):
                 if t.is_floating_point():
                     t.abs_()
-        apply_masks_(weights, ctx)
+        weights = masked_weights(work, ctx)
         x = torch.ones((1, *shape), dtype=weights[0].dtype, device=weights[0].device)
         grads = torch.autograd.grad(work(x).sum(), weights)
         scores = zeros_like_scores(weights)

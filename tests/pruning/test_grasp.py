@@ -93,15 +93,20 @@ def test_scores_sign_convention(make_model):
     assert kept.max() <= removed.min()
 
 
-def test_model_not_modified(make_model):
+@pytest.mark.parametrize("method, options", [
+    ("grasp", {}), ("grasp", {"engine": "forward_over_reverse"}), ("grasp", {"engine": "finite_difference"}),
+    ("grasp", {"rounds": 2}), ("snip", {}), ("snip", {"rounds": 2}), ("synflow", {"rounds": 2}),
+    ("magnitude", {}), ("random", {}),
+])
+def test_model_not_modified(make_model, method, options):
     model = make_model("vgg")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()
-    gx.prune(model, "grasp", 0.9, class_sorted_batch())
+    gx.prune(model, method, 0.9, class_sorted_batch(), **options)
     assert not model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("device", DEVICES)
