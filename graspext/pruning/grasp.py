@@ -17,6 +17,7 @@ reusing pass 1's g (one extra gradient per chunk).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -26,12 +27,14 @@ from torch import Tensor, nn
 
 from graspext import ops
 from graspext.pruning import data as D
+from graspext.pruning.activation_patterns import ActivationPatterns
 from graspext.pruning.base import (Method, ScoringContext, check_bool, check_int, check_positive,
                                    disable_running_stats_, generator_for, masked_weights, register, reinit_xavier,
                                    replace_weight, working_copy, zeros_like_scores)
 
 ENGINES = ("exact", "forward_over_reverse", "finite_difference")
 DEFAULT_SAMPLES_PER_CLASS = 25  # official default; the CIFAR-10 configs use 10
+FROZEN_RELATIVE_STEP = 1e-5       # finite_difference step with frozen activations (see benchmarks/RESULTS.md)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class GraspOptions:
     engine: str = "exact"
     num_classes: int | None = None
     fd_epsilon: float | None = None
+    fd_freeze_activations: bool = True
     seed: int | None = None
 
     def __post_init__(self):
@@ -54,6 +58,7 @@ class GraspOptions:
         check_int(self.iterations, "iterations", 1)
         check_int(self.num_classes, "num_classes", 2, allow_none=True)
         check_positive(self.fd_epsilon, "fd_epsilon", allow_none=True)
+        check_bool(self.fd_freeze_activations, "fd_freeze_activations")
         check_int(self.seed, "seed", 0, allow_none=True)
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
@@ -111,20 +116,24 @@ class GraSP(Method):
         for x, y in self._scoring_sets(ctx, work):
             chunks += D.split_chunks(*D.to_model(x, y, device, dtype), o.num_chunks)
 
-        # Pass 1: g = sum over chunks of grad L_chunk.
-        g: list[Tensor] | None = None
-        for cx, cy in chunks:
-            gc = torch.autograd.grad(_loss(work, cx, cy, o.temperature), weights)
-            if g is None:
-                g = list(gc)
-            else:
-                for gi, gci in zip(g, gc):
-                    gi += gci
+        # Pass 1: g = sum over chunks of grad L_chunk (recording each chunk's activation pattern for FD).
+        freeze = o.engine == "finite_difference" and o.fd_freeze_activations
+        patterns = [ActivationPatterns() if freeze else contextlib.nullcontext() for _ in chunks]
+        for w in weights:
+            w.grad = None
+        for (cx, cy), recorder in zip(chunks, patterns):
+            with recorder:
+                loss = _loss(work, cx, cy, o.temperature)
+            # Accumulating in .grad adds chunk by chunk and layer by layer, as the official grad_w += ...
+            loss.backward(inputs=weights)
+        g = [w.grad for w in weights]
+        for w in weights:
+            w.grad = None
         if o.engine == "exact":
             return self._exact(work, weights, chunks, g)
         if o.engine == "forward_over_reverse":
             return self._forward_over_reverse(work, weights, chunks, g)
-        return self._finite_difference(work, list(ctx.modules), weights, chunks, g)
+        return self._finite_difference(work, list(ctx.modules), weights, chunks, g, patterns if freeze else None)
 
     def _exact(self, work, weights, chunks, g) -> list[Tensor]:
         for w in weights:
@@ -166,19 +175,25 @@ class GraSP(Method):
         return scores
 
     @torch.no_grad()
-    def _finite_difference(self, work, module_names, weights, chunks, g) -> list[Tensor]:
+    def _finite_difference(self, work, module_names, weights, chunks, g, patterns) -> list[Tensor]:
         theta = [w.detach() for w in weights]  # the perturbed weights replace these, so theta stays intact
         eps = self.options.fd_epsilon
-        if eps is None:  # relative step sqrt(machine eps), the usual forward-difference choice
+        if eps is None:
+            # Relative step |eps g| / (1 + |theta|): with frozen activations the quotient is smooth and a
+            # large step beats float round-off; without, only a tiny step avoids kinks (float64 only).
+            rel = FROZEN_RELATIVE_STEP if patterns is not None else math.sqrt(torch.finfo(theta[0].dtype).eps)
             theta_norm = math.sqrt(sum(float(t.double().square().sum()) for t in theta))
             g_norm = math.sqrt(sum(float(gi.double().square().sum()) for gi in g))
-            eps = math.sqrt(torch.finfo(theta[0].dtype).eps) * (1.0 + theta_norm) / max(g_norm, 1e-30)
+            eps = rel * (1.0 + theta_norm) / max(g_norm, 1e-30)
         perturbed = [replace_weight(work, n, t + eps * gi) for n, t, gi in zip(module_names, theta, g)]
+        for c, (cx, cy) in enumerate(chunks):
+            with torch.enable_grad(), (patterns[c].replaying() if patterns else contextlib.nullcontext()):
+                _loss(work, cx, cy, self.options.temperature).backward(inputs=perturbed)
+        grad_sum = [p.grad for p in perturbed]  # sum over chunks of grad L_chunk(theta + eps g)
+        del perturbed
+        # S = -theta ⊙ (grad_sum - g) / eps, in two fused passes.
         scores = zeros_like_scores(weights)
-        for cx, cy in chunks:
-            with torch.enable_grad():
-                gp = torch.autograd.grad(_loss(work, cx, cy, self.options.temperature), perturbed)
-            ops.score_accumulate_(scores, theta, list(gp), 1.0 / eps, "neg_product")
-            del gp
+        ops.score_accumulate_(scores, theta, grad_sum, 1.0 / eps, "neg_product")
+        del grad_sum
         ops.score_accumulate_(scores, theta, g, -1.0 / eps, "neg_product")
         return scores

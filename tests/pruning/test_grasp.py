@@ -74,12 +74,22 @@ def test_forward_over_reverse_engine_agrees(make_model, kind, dtype):
 
 
 @pytest.mark.parametrize("kind", ["vgg", "resnet"])
-def test_finite_difference_engine_agrees_float64(make_model, kind):
-    model = make_model(kind, dtype=torch.float64, width=16)
-    x, y = class_sorted_batch(per_class=10, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_difference_engine_agrees(make_model, kind, dtype):
+    model = make_model(kind, dtype=dtype, width=16)
+    x, y = class_sorted_batch(per_class=10, dtype=dtype)
     exact = gx.prune(model, "grasp", 0.9, (x, y), seed=0)
     fast = gx.prune(model, "grasp", 0.9, (x, y), seed=0, engine="finite_difference")
     assert _agreement(exact, fast) >= 0.99
+
+
+def test_finite_difference_needs_frozen_activations_in_float32(make_model):
+    # Without freezing, the difference quotient crosses ReLU/max-pool kinks: far from autograd's Hg.
+    model = make_model("vgg", width=16)
+    x, y = class_sorted_batch(per_class=10)
+    exact = gx.prune(model, "grasp", 0.9, (x, y), seed=0)
+    loose = gx.prune(model, "grasp", 0.9, (x, y), seed=0, engine="finite_difference", fd_freeze_activations=False)
+    assert _agreement(exact, loose) < 0.95
 
 
 def test_scores_sign_convention(make_model):

@@ -1,0 +1,109 @@
+"""One table of side-by-side ratios, measured in one run on this machine.
+
+    python benchmarks/ratios.py [--quick] [--repeats N]
+
+Selection: median seconds of graspext.ops.global_kth_value vs torch.kthvalue(torch.cat(...)).
+GraSP scoring: median seconds (in-process, repeated) and peak memory added by the call (fresh process per
+measurement; see workloads.py), official loop vs each engine, with the masks compared to the official ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import (grasp_graspext, grasp_official, kth_graspext, kth_torch, measure_grasp,  # noqa: E402
+                       selection_scores, vgg19_cifar_setup)
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {torch.get_num_threads()} threads, Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def selection_table(sizes, repeats):
+    rows = []
+    for total in sizes:
+        scores = selection_scores(total)
+        k = int(total * 0.98)
+        assert kth_graspext(scores, k).item() == kth_torch(scores, k).item()
+        ours = median_seconds(lambda: kth_graspext(scores, k), repeats)
+        ref = median_seconds(lambda: kth_torch(scores, k), max(2, repeats // 2))
+        rows.append((f"{total / 1e6:.0f}M scores", ref, ours))
+        del scores
+    return rows
+
+
+def grasp_table(repeats):
+    model, x, y = vgg19_cifar_setup()
+    ref_masks = None
+    rows = []
+    for impl in ["official", "exact", "forward_over_reverse", "finite_difference"]:
+        if impl == "official":
+            fn = lambda: grasp_official(model, x, y)  # noqa: E731
+            _, peak, masks = measure_grasp("official")
+        else:
+            fn = lambda impl=impl: grasp_graspext(model, x, y, engine=impl)  # noqa: E731
+            _, peak, masks = measure_grasp("graspext", engine=impl)
+        seconds = median_seconds(fn, repeats)
+        if ref_masks is None:
+            ref_masks, ref_seconds, ref_peak = masks, seconds, peak
+            diff = "-"
+        else:
+            extra = sum(int((ref_masks[n] & ~masks[n]).sum()) for n in masks)
+            missing = sum(int((masks[n] & ~ref_masks[n]).sum()) for n in masks)
+            kept = sum(int((ref_masks[n] & masks[n]).sum()) for n in masks) / sum(int(m.sum()) for m in masks.values())
+            diff = f"+{missing}/-{extra} ({kept:.2%} of kept shared)"
+        rows.append((impl, seconds, peak, ref_seconds / seconds, peak / ref_peak, diff))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-grasp", action="store_true")
+    args = parser.parse_args()
+    print(f"machine: {machine()}\n")
+    sizes = [2_000_000] if args.quick else [20_035_200, 138_357_544]
+    print("| global k-th value (k = 98 %) | torch.kthvalue(cat) s | graspext s | speedup |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, ref, ours in selection_table(sizes, args.repeats):
+        print(f"| {name} | {ref:.3f} | {ours:.3f} | {ref / ours:.1f}x |")
+    if args.skip_grasp:
+        return
+    print("\n| GraSP VGG19-CIFAR, 100 images, 98 % | median s | peak MiB added | speedup | memory ratio "
+          "| mask vs official (+ours-only/-official-only) |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for impl, s, peak, speed, mem, diff in grasp_table(max(1, args.repeats // 2)):
+        print(f"| {impl} | {s:.2f} | {peak / 2**20:.0f} | {speed:.2f}x | {mem:.2f} | {diff} |")
+
+
+if __name__ == "__main__":
+    main()
