@@ -50,8 +50,11 @@ class ActivationPatterns(TorchDispatchMode):
         if func in (aten.relu.default, aten.relu_.default):
             x = args[0]
             if not self._replay:
-                self.patterns.append(x > 0)
-                return func(*args, **kwargs)
+                # relu(x) > 0 <=> x > 0. Taken from the output: testing the input before an in-place relu_
+                # kept an activation-sized copy alive for the rest of the pass (measured).
+                out = func(*args, **kwargs)
+                self.patterns.append(out > 0)
+                return out
             mask = self._next()
             out = x.mul_(mask) if func is aten.relu_.default else x * mask
             self._relu_mask_by_ptr[out.data_ptr()] = mask

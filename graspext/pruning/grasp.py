@@ -186,14 +186,19 @@ class GraSP(Method):
             g_norm = math.sqrt(sum(float(gi.double().square().sum()) for gi in g))
             eps = rel * (1.0 + theta_norm) / max(g_norm, 1e-30)
         perturbed = [replace_weight(work, n, t + eps * gi) for n, t, gi in zip(module_names, theta, g)]
+        # g's own storage becomes the accumulator: .grad starts at -g and autograd adds each chunk's gradient
+        # in place (it does so only while .grad is the sole reference, hence the clear()).
+        for p, gi in zip(perturbed, g):
+            p.grad = gi.neg_()
+        g.clear()
         for c, (cx, cy) in enumerate(chunks):
             with torch.enable_grad(), (patterns[c].replaying() if patterns else contextlib.nullcontext()):
                 _loss(work, cx, cy, self.options.temperature).backward(inputs=perturbed)
-        grad_sum = [p.grad for p in perturbed]  # sum over chunks of grad L_chunk(theta + eps g)
+        diff = [p.grad for p in perturbed]  # sum over chunks of grad L_chunk(theta + eps g), minus g
+        for p, n, t in zip(perturbed, module_names, theta):
+            p.grad = None
+            replace_weight(work, n, t)  # frees the perturbed copy
         del perturbed
-        # S = -theta ⊙ (grad_sum - g) / eps, in two fused passes.
         scores = zeros_like_scores(weights)
-        ops.score_accumulate_(scores, theta, grad_sum, 1.0 / eps, "neg_product")
-        del grad_sum
-        ops.score_accumulate_(scores, theta, g, -1.0 / eps, "neg_product")
+        ops.score_accumulate_(scores, theta, diff, 1.0 / eps, "neg_product")  # S = -theta ⊙ diff / eps
         return scores
