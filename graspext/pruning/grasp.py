@@ -12,7 +12,10 @@ Hg = sum over chunks of H_chunk g.
 
 Hg engines: ``exact`` double backward (the official computation, the default); ``forward_over_reverse``
 (forward-mode AD through the backward pass: exact in exact arithmetic, no retained double-backward graph); ``finite_difference`` Hg ≈ (sum_c grad L_c(theta + eps g) - g) / eps,
-reusing pass 1's g (one extra gradient per chunk).
+reusing pass 1's g (one extra gradient per chunk). The perturbed pass replays the ReLU on/off pattern and
+max-pool argmax recorded in pass 1 (``fd_freeze_activations``, default on): autograd's Hg is the derivative
+inside the current activation region, and a difference quotient that crosses kinks is not (see
+``activation_patterns.py``).
 """
 
 from __future__ import annotations
@@ -136,8 +139,6 @@ class GraSP(Method):
         return self._finite_difference(work, list(ctx.modules), weights, chunks, g, patterns if freeze else None)
 
     def _exact(self, work, weights, chunks, g) -> list[Tensor]:
-        for w in weights:
-            w.grad = None
         for cx, cy in chunks:
             grads = torch.autograd.grad(_loss(work, cx, cy, self.options.temperature), weights, create_graph=True)
             z = 0
@@ -179,8 +180,9 @@ class GraSP(Method):
         theta = [w.detach() for w in weights]  # the perturbed weights replace these, so theta stays intact
         eps = self.options.fd_epsilon
         if eps is None:
-            # Relative step |eps g| / (1 + |theta|): with frozen activations the quotient is smooth and a
-            # large step beats float round-off; without, only a tiny step avoids kinks (float64 only).
+            # Relative step |eps g| / (1 + |theta|). With frozen activations the quotient is smooth, so the
+            # step can stay well above float32 round-off; without, only a step below the nearest kink works,
+            # which float64 alone can resolve.
             rel = FROZEN_RELATIVE_STEP if patterns is not None else math.sqrt(torch.finfo(theta[0].dtype).eps)
             theta_norm = math.sqrt(sum(float(t.double().square().sum()) for t in theta))
             g_norm = math.sqrt(sum(float(gi.double().square().sum()) for gi in g))
