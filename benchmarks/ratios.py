@@ -53,10 +53,9 @@ def selection_table(sizes, repeats):
         scores = selection_scores(total)
         k = int(total * 0.98)
         assert kth_graspext(scores, k).item() == kth_torch(scores, k).item()
-        ours = median_seconds(lambda: kth_graspext(scores, k), repeats)
-        ref = median_seconds(lambda: kth_torch(scores, k), max(2, repeats // 2))
+        ours = median_seconds(lambda s=scores, k=k: kth_graspext(s, k), repeats)
+        ref = median_seconds(lambda s=scores, k=k: kth_torch(s, k), max(2, repeats // 2))
         rows.append((f"{total / 1e6:.0f}M scores", ref, ours))
-        del scores
     return rows
 
 

@@ -5,7 +5,6 @@ Run: python -m pytest benchmarks/test_grasp_scoring.py
 """
 
 import pytest
-import torch
 
 from workloads import grasp_graspext, grasp_official, vgg19_cifar_setup
 

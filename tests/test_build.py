@@ -1,9 +1,6 @@
 """The build helpers in setup.py and the extension loader's messages."""
 
-import importlib.util
-import os
 import stat
-import sys
 import types
 from pathlib import Path
 

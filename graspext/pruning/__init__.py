@@ -16,7 +16,7 @@ from graspext.masks import Masks
 from graspext.pruning import grasp, magnitude, snip, synflow  # noqa: F401  (registers the methods)
 from graspext.pruning import data as D
 from graspext.pruning.base import REGISTRY, Method, ScoringContext
-from graspext.pruning.layers import FilterFn, prunable_modules, weight_name
+from graspext.pruning.layers import FilterFn, prunable_modules
 from graspext.pruning.selection import (LayerCollapseWarning, check_sparsity, erk_densities, layer_removals,
                                         num_to_remove, report_collapse, select_masks)
 
@@ -157,7 +157,8 @@ def prune(
             masks, kept = select_masks(round_scores, num_to_remove(total, target), m.remove_largest)
         else:
             round_densities = [1.0 - (1.0 - d) * target / sparsity if sparsity else 1.0 for d in densities]
-            counts = layer_removals(sizes, round_densities, num_to_remove(total, target))
+            already = [n - k for n, k in zip(sizes, kept)]  # a later round never revives a weight
+            counts = layer_removals(sizes, round_densities, num_to_remove(total, target), minimum=already)
             masks, kept = [], []
             for s, c in zip(round_scores, counts):
                 mk, kc = select_masks([s], c, m.remove_largest)

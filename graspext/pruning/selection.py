@@ -81,15 +81,18 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
     return [1.0 if i in dense else min(1.0, eps * raw[i]) for i in range(len(sizes))]
 
 
-def layer_removals(sizes: Sequence[int], densities: Sequence[float], total_remove: int) -> list[int]:
+def layer_removals(sizes: Sequence[int], densities: Sequence[float], total_remove: int,
+                   minimum: Sequence[int] | None = None) -> list[int]:
     """Per-layer removal counts near n_l * (1 - d_l) that add up to exactly ``total_remove``.
 
     Largest-remainder rounding; dense layers (d_l = 1) stay untouched and no layer goes below zero kept.
+    ``minimum`` (iterative pruning: what each layer has already lost) is a floor per layer.
     """
+    minimum = list(minimum) if minimum is not None else [0] * len(sizes)
     ideal = [n * (1.0 - d) for n, d in zip(sizes, densities)]
     scale = total_remove / sum(ideal) if sum(ideal) > 0 else 0.0
     ideal = [min(float(n), x * scale) for n, x in zip(sizes, ideal)]
-    counts = [math.floor(x) for x in ideal]
+    counts = [max(math.floor(x), lo) for x, lo in zip(ideal, minimum)]
     short = total_remove - sum(counts)
     order = sorted(range(len(sizes)), key=lambda i: (-(ideal[i] - counts[i]), i))
     for i in order:
@@ -106,7 +109,14 @@ def layer_removals(sizes: Sequence[int], densities: Sequence[float], total_remov
             extra = min(short, sizes[i] - counts[i])
             counts[i] += extra
             short -= extra
-    if short != 0:  # only when every non-dense layer is already empty
+    # Floors can overshoot: give back where a layer is above both its floor and its ideal share.
+    for i in sorted(range(len(sizes)), key=lambda i: (ideal[i] - counts[i], i)):
+        if short >= 0:
+            break
+        give = min(-short, counts[i] - minimum[i])
+        counts[i] -= give
+        short += give
+    if short != 0:  # only when every non-dense layer is already empty, or floors exceed the total
         raise ValueError(f"sparsity: cannot remove {total_remove} weights with this distribution")
     return counts
 

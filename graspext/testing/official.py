@@ -113,7 +113,7 @@ def synflow_official(net: nn.Module, sparsity: float, input_shape: tuple[int, ..
     for k in range(rounds):
         with torch.no_grad():
             signs = {n: torch.sign(t) for n, t in net.state_dict().items() if t.is_floating_point()}
-            for n, t in net.state_dict().items():
+            for t in net.state_dict().values():
                 if t.is_floating_point():
                     t.abs_()
             for p, m in zip(params, masks):

@@ -49,6 +49,16 @@ def test_layer_removals_exact_total():
     assert all(0 <= c <= n for c, n in zip(capped, sizes))
     with pytest.raises(ValueError, match="cannot remove 1044"):
         layer_removals(sizes, densities, 1044)
+    floored = layer_removals(sizes, densities, 980, minimum=[10, 0, 900, 0])
+    assert sum(floored) == 980 and floored[0] == 10 and floored[2] >= 900
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_layerwise_iterative_rounds_are_monotone_and_exact(make_model, distribution):
+    model = make_model("resnet")
+    masks = gx.prune(model, "synflow", 0.95, input_shape=(3, 8, 8), rounds=7, scope="layerwise",
+                     distribution=distribution, on_collapse="ignore")
+    assert masks.num_total() - masks.num_kept() == num_to_remove(masks.num_total(), 0.95)
 
 
 def test_layer_collapse_detected(make_model):

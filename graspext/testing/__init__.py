@@ -1,0 +1,1 @@
+"""Reference implementations for tests and benchmarks (``graspext.testing.official``)."""
