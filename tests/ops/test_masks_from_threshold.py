@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graspext import ops
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, skip_without_kernel
 
 
 def _reference(scores, num_remove, remove_largest):
@@ -29,6 +29,7 @@ def _select(scores, num_remove, remove_largest):
 @pytest.mark.parametrize("remove_largest", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_random_scores_exact_count(device, remove_largest, dtype):
+    skip_without_kernel("masks_from_threshold", device)
     g = torch.Generator().manual_seed(0)
     scores = [torch.randn(s, generator=g, dtype=dtype).to(device) for s in [(64, 3, 3, 3), (0,), (200_000,), (10, 7)]]
     n = sum(s.numel() for s in scores)
@@ -89,6 +90,7 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
+    skip_without_kernel("masks_from_threshold", device)
     scores = [torch.randn(5, 3, device=device), torch.randn(8, device=device)]
     t = ops.global_kth_value(scores, 4)
     torch.library.opcheck(torch.ops.graspext.masks_from_threshold.default, (scores, t, 4, False))

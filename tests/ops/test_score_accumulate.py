@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graspext import ops
-from tests.conftest import DEVICES
+from tests.conftest import DEVICES, skip_without_kernel
 
 REFERENCE = {
     "neg_product": lambda w, v: -(w * v),
@@ -24,6 +24,7 @@ def _lists(shapes, dtype, device, seed):
 @pytest.mark.parametrize("mode", sorted(REFERENCE))
 @pytest.mark.parametrize("shapes", [[(7,)], [(3, 5), (64, 3, 3, 3), (0,), (100_003,)], [(1,)] * 9])
 def test_matches_reference(device, dtype, mode, shapes):
+    skip_without_kernel("score_accumulate_", device)
     scores, weights, values = _lists(shapes, dtype, device, seed=len(shapes))
     expected = [s + 0.25 * REFERENCE[mode](w, v) for s, w, v in zip(scores, weights, values)]
     ops.score_accumulate_(scores, weights, values, 0.25, mode)
@@ -86,5 +87,6 @@ def test_raw_op_checks_in_cpp():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
+    skip_without_kernel("score_accumulate_", device)
     s, w, v = _lists([(3, 4), (5,)], torch.float32, device, 0)
     torch.library.opcheck(torch.ops.graspext.score_accumulate_.default, (s, w, v, 0.5, "neg_product"))
