@@ -8,6 +8,7 @@ density^(k/100) (exponential schedule), with BatchNorm in eval mode (official ``
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +49,20 @@ class SynFlow(Method):
             raise ValueError("data: SynFlow is data-free but needs the input shape: pass input_shape=(C, H, W) "
                              "or data to read it from")
         shape = o.input_shape or tuple(D.first_batch(ctx.data)[0].shape[1:])
+        scores = self._score(ctx, shape, o.double)
+        if not o.double and not all(bool(torch.isfinite(s).all()) for s in scores):
+            # R is a sum of products of |theta| along every path: deep nets overflow float32.
+            warnings.warn("SynFlow scores overflowed float32; scoring again in float64 (pass double=True to "
+                          "skip the first attempt)", RuntimeWarning, stacklevel=3)
+            scores = self._score(ctx, shape, True)
+        return scores
+
+    def _score(self, ctx: ScoringContext, shape: tuple[int, ...], double: bool) -> list[Tensor]:
         # A full copy: every parameter and buffer is made non-negative in place below.
         work, _ = working_copy(ctx, share_storage=False)
-        if o.double:
+        if double:
             work.double()
-        work.train(o.train_mode)
+        work.train(self.options.train_mode)
         with torch.no_grad():
             for t in list(work.parameters()) + list(work.buffers()):
                 if t.is_floating_point():

@@ -62,3 +62,14 @@ def test_random_seeded_and_exact(make_model):
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
     assert a.num_total() - a.num_kept() == int(a.num_total() * 0.9)
+
+
+def test_synflow_overflow_rescored_in_float64():
+    from graspext.models import resnet110
+
+    torch.manual_seed(0)
+    model = resnet110()
+    with pytest.warns(RuntimeWarning, match="overflowed float32"):
+        masks = gx.prune(model, "synflow", 0.9, input_shape=(3, 32, 32), rounds=1, on_collapse="ignore")
+    direct = gx.prune(model, "synflow", 0.9, input_shape=(3, 32, 32), rounds=1, double=True, on_collapse="ignore")
+    assert all(torch.equal(masks[n], direct[n]) for n in masks)
