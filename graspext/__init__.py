@@ -12,6 +12,7 @@ _C = _extension.load()
 from graspext import models, ops  # noqa: E402
 from graspext.masks import Masks  # noqa: E402
 from graspext.pruning import METHODS, LayerCollapseWarning, prune, scores  # noqa: E402
+from graspext.train import TrainConfig, Trainer, TrainResult, train  # noqa: E402
 from graspext.version import __version__  # noqa: E402
 
-__all__ = ["prune", "scores", "Masks", "METHODS", "LayerCollapseWarning", "ops", "models", "__version__"]
+__all__ = ["prune", "scores", "train", "Trainer", "TrainConfig", "TrainResult", "Masks", "METHODS", "LayerCollapseWarning", "ops", "models", "__version__"]

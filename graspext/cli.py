@@ -42,6 +42,31 @@ def _prune(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    import graspext as gx
+    from graspext.data import digits_dataset
+    from graspext.models import create
+
+    torch.manual_seed(args.seed)
+    model = create(args.model, num_classes=10)
+    masks = None
+    if args.masks:
+        masks = gx.Masks.load(args.masks)
+        masks.check_fits(model)
+    train_loader = torch.utils.data.DataLoader(digits_dataset(train=True), batch_size=args.batch_size, shuffle=True,
+                                               generator=torch.Generator())
+    test_loader = torch.utils.data.DataLoader(digits_dataset(train=False), batch_size=256)
+    result = gx.train(model, train_loader, test_loader, masks=masks, epochs=args.epochs, lr=args.lr,
+                      weight_decay=args.weight_decay, seed=args.seed, out_dir=args.out, resume=not args.restart,
+                      progress=not args.no_progress)
+    kind = f"{masks.sparsity():.1%} sparse" if masks is not None else "dense"
+    print(f"{args.model} ({kind}) on the embedded digits data, {args.epochs} epochs: "
+          f"best test accuracy {result.best_test_acc:.4f}, final {result.final_test_acc:.4f}")
+    if args.out:
+        print(f"checkpoint and results in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from graspext.models import REGISTRY
     from graspext.pruning import METHODS
@@ -59,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the masks here (graspext.Masks.save format)")
     p.add_argument("--json", action="store_true", help="also print a JSON line of the results")
     p.set_defaults(run=_prune)
+
+    t = sub.add_parser("train", help="train a model (dense, or with masks from `prune --out`) on the embedded digits")
+    t.add_argument("--model", default="vgg11_bn", choices=sorted(REGISTRY))
+    t.add_argument("--masks", help="a masks file written by `graspext prune --out`; omit to train dense")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", help="folder for the per-epoch checkpoint and results (resumed when present)")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(run=_train)
     return parser
 
 

@@ -18,3 +18,17 @@ def test_prune_command_writes_masks(tmp_path, capsys):
 def test_prune_command_bad_input(capsys):
     assert main(["prune", "--model", "vgg11_bn", "--method", "magnitude", "--sparsity", "1.5"]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_train_command_with_masks_and_resume(tmp_path, capsys):
+    masks = tmp_path / "masks.pt"
+    assert main(["prune", "--model", "vgg11_bn", "--method", "magnitude", "--sparsity", "0.9",
+                 "--out", str(masks)]) == 0
+    out = tmp_path / "run"
+    args = ["train", "--model", "vgg11_bn", "--masks", str(masks), "--epochs", "1", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    assert "90.0% sparse" in capsys.readouterr().out
+    assert (out / "summary.json").exists() and (out / "checkpoint.pt").exists()
+    assert main(["train", "--model", "resnet20", "--masks", str(masks), "--epochs", "1", "--no-progress"]) == 2
+    assert "is not a parameter of the model" in capsys.readouterr().err

@@ -1,0 +1,274 @@
+"""Training pruned networks: the GraSP paper's recipe, masks enforced, resumable.
+
+Recipe (Wang et al. 2020, following the official code): SGD with momentum 0.9, lr 0.1 divided by 10 at 50 %
+and 75 % of the epochs, weight decay 5e-4 (VGG) / 1e-4 (ResNet), batch 128; the reported figure is the best
+test accuracy.
+
+Checkpoints are written atomically after every epoch. Every epoch starts from RNG seeds derived from
+(seed, epoch) — global torch/numpy/python RNGs and the DataLoader's own generator — so a run resumed after a
+kill replays exactly the epochs an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graspext.masks import Masks
+
+CHECKPOINT = "checkpoint.pt"
+RESULTS_JSONL = "results.jsonl"
+RESULTS_CSV = "results.csv"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 160
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)   # fractions of the epochs
+    lr_gamma: float = 0.1
+    seed: int = 0
+    amp: bool = False                                 # CUDA only
+    device: str | None = None                         # default: the model's device
+    out_dir: str | None = None                        # checkpoints and results; None keeps nothing
+    resume: bool = True                               # continue from out_dir's checkpoint if present
+    progress: bool = True                             # tqdm bars
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}")
+        for name in ("lr", "lr_gamma"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        self.lr_milestones = tuple(self.lr_milestones)
+        if any(not 0 < f < 1 for f in self.lr_milestones):
+            raise ValueError(f"lr_milestones must be fractions of the run in (0, 1), got {self.lr_milestones}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+
+
+@dataclass
+class TrainResult:
+    best_test_acc: float
+    final_test_acc: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _seed_epoch(seed: int, epoch: int, loaders) -> None:
+    s = (seed * 1_000_003 + epoch) % (2**63 - 1)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    for loader in loaders:
+        gen = getattr(loader, "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(s)
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class Trainer:
+    """``Trainer(model, train_loader, test_loader, config, masks).fit() -> TrainResult``. Trains in place."""
+
+    def __init__(self, model: nn.Module, train_loader, test_loader, config: TrainConfig | None = None,
+                 masks: Masks | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.config = config or TrainConfig()
+        if not isinstance(self.config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
+        if masks is not None:
+            if not isinstance(masks, Masks):
+                raise TypeError(f"masks must be graspext.Masks, got {type(masks).__name__}")
+            masks.check_fits(model)
+        self.model, self.masks = model, masks
+        self.train_loader, self.test_loader = train_loader, test_loader
+        device = self.config.device or next(model.parameters()).device
+        self.device = torch.device(device)
+        if self.config.amp and self.device.type != "cuda":
+            raise ValueError(f"amp=True needs a CUDA device, but training runs on {self.device}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_path(self) -> str | None:
+        return os.path.join(self.config.out_dir, CHECKPOINT) if self.config.out_dir else None
+
+    def _save(self, epoch, optimizer, scheduler, scaler, history, best) -> None:
+        state = {"format": "graspext.train", "version": 1, "epoch": epoch, "model": self.model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None, "history": history,
+                 "best_test_acc": best, "config": asdict(self.config),
+                 "masks": {n: m.cpu() for n, m in self.masks.items()} if self.masks is not None else None}
+        _atomic_write(self._checkpoint_path(), lambda f: torch.save(state, f))
+
+    def _load(self, optimizer, scheduler, scaler):
+        path = self._checkpoint_path()
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"checkpoint {path!r} is corrupt or unreadable ({exc}); delete it or pass "
+                             "resume=False to start over") from exc
+        if not isinstance(state, dict) or state.get("format") != "graspext.train":
+            raise ValueError(f"checkpoint {path!r} is not a graspext training checkpoint")
+        saved_masks = state["masks"]
+        if (saved_masks is None) != (self.masks is None) or (
+                saved_masks is not None and (set(saved_masks) != set(self.masks) or any(
+                    not torch.equal(saved_masks[n], self.masks[n].cpu()) for n in saved_masks))):
+            raise ValueError(f"checkpoint {path!r} was trained with other masks than the ones given; "
+                             "use another out_dir or resume=False")
+        if state["config"]["epochs"] != self.config.epochs or state["config"]["seed"] != self.config.seed:
+            raise ValueError(f"checkpoint {path!r} belongs to a run with epochs={state['config']['epochs']}, "
+                             f"seed={state['config']['seed']}; this run has epochs={self.config.epochs}, "
+                             f"seed={self.config.seed}")
+        self.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        return state["epoch"] + 1, state["history"], state["best_test_acc"]
+
+    def _write_results(self, history) -> None:
+        out = self.config.out_dir
+        _write_text(os.path.join(out, RESULTS_JSONL), "".join(json.dumps(r) + "\n" for r in history))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+        _write_text(os.path.join(out, RESULTS_CSV), buf.getvalue())
+
+    # ------------------------------------------------------------------ loops
+    def _run_epoch(self, epoch, optimizer, scaler, train: bool):
+        loader = self.train_loader if train else self.test_loader
+        self.model.train(train)
+        total_loss, correct, seen = 0.0, 0, 0
+        start = time.perf_counter()
+        bar = None
+        if self.config.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(loader) if hasattr(loader, "__len__") else None, leave=False,
+                       desc=f"epoch {epoch + 1}/{self.config.epochs} {'train' if train else 'test'}")
+        with torch.set_grad_enabled(train):
+            for x, y in loader:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=self.config.amp):
+                    out = self.model(x)
+                    loss = F.cross_entropy(out, y)
+                if train:
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                total_loss += loss.item() * len(y)
+                correct += int((out.argmax(1) == y).sum())
+                seen += len(y)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                    img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if bar is not None:
+            bar.close()
+        if seen == 0:
+            raise ValueError(f"{'train' if train else 'test'}_loader yielded no samples")
+        return total_loss / seen, correct / seen, seen / (time.perf_counter() - start)
+
+    def fit(self) -> TrainResult:
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.model.to(self.device)
+        handle = self.masks.apply_(self.model) if self.masks is not None else None
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
+                                    weight_decay=c.weight_decay)
+        milestones = sorted({max(1, int(round(f * c.epochs))) for f in c.lr_milestones})
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=c.lr_gamma)
+        scaler = torch.amp.GradScaler("cuda") if c.amp else None
+        start_epoch, history, best = 0, [], -math.inf
+        if c.out_dir:
+            os.makedirs(c.out_dir, exist_ok=True)
+            if c.resume and os.path.exists(self._checkpoint_path()):
+                start_epoch, history, best = self._load(optimizer, scheduler, scaler)
+            elif os.path.exists(os.path.join(c.out_dir, SUMMARY)):
+                os.unlink(os.path.join(c.out_dir, SUMMARY))  # a fresh run must not look finished early
+        writer = None
+        if c.tensorboard and c.out_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(c.out_dir, "tensorboard"))
+        try:
+            for epoch in range(start_epoch, c.epochs):
+                _seed_epoch(c.seed, epoch, [self.train_loader, self.test_loader])
+                lr = optimizer.param_groups[0]["lr"]
+                train_loss, train_acc, images_per_s = self._run_epoch(epoch, optimizer, scaler, train=True)
+                test_loss, test_acc, _ = self._run_epoch(epoch, optimizer, scaler, train=False)
+                scheduler.step()
+                best = max(best, test_acc)
+                record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+                          "test_loss": test_loss, "test_acc": test_acc, "best_test_acc": best,
+                          "train_images_per_s": images_per_s}
+                history.append(record)
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "epoch":
+                            writer.add_scalar(k, v, epoch + 1)
+                if c.out_dir:
+                    self._save(epoch, optimizer, scheduler, scaler, history, best)
+                    self._write_results(history)
+        finally:
+            if handle is not None:
+                handle.remove()
+            if writer is not None:
+                writer.close()
+        result = TrainResult(best_test_acc=best, final_test_acc=history[-1]["test_acc"], history=history)
+        if c.out_dir:
+            _write_text(os.path.join(c.out_dir, SUMMARY), json.dumps(
+                {"best_test_acc": result.best_test_acc, "final_test_acc": result.final_test_acc,
+                 "epochs": c.epochs, "config": asdict(c)}, indent=2))
+        return result
+
+
+def train(model: nn.Module, train_loader, test_loader, *, masks: Masks | None = None, **config: Any) -> TrainResult:
+    """Functional form: ``graspext.train(model, train_loader, test_loader, epochs=160, masks=masks)``."""
+    try:
+        cfg = TrainConfig(**config)
+    except TypeError as exc:
+        valid = ", ".join(f.name for f in TrainConfig.__dataclass_fields__.values())
+        raise TypeError(f"{exc}; valid training options: {valid}") from exc
+    return Trainer(model, train_loader, test_loader, cfg, masks).fit()

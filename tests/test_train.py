@@ -1,0 +1,105 @@
+import json
+import os
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import graspext as gx
+from tests.conftest import SmallVGG
+
+
+def _loaders(seed=0, n=96):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator())
+    test = DataLoader(TensorDataset(x[:32], y[:32]), batch_size=16)
+    return train, test
+
+
+def _model_and_masks():
+    torch.manual_seed(0)
+    model = SmallVGG()
+    train, _ = _loaders()
+    masks = gx.prune(model, "snip", 0.9, next(iter(train)), seed=0)
+    return model, masks
+
+
+CFG = dict(epochs=4, lr=0.05, seed=3, progress=False)
+
+
+def _metrics(history):
+    """Everything but wall-clock throughput."""
+    return [{k: v for k, v in r.items() if k != "train_images_per_s"} for r in history]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    model, masks = _model_and_masks()
+    full = gx.Trainer(model, *_loaders(), gx.TrainConfig(**CFG, out_dir=str(tmp_path / "full")), masks).fit()
+    full_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, masks = _model_and_masks()
+    trainer = gx.Trainer(model, *_loaders(), gx.TrainConfig(**CFG, out_dir=str(tmp_path / "killed")), masks)
+    calls = {"n": 0}
+    original = trainer._run_epoch
+
+    def dies_in_epoch_three(epoch, *args, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+        return original(epoch, *args, **kwargs)
+
+    trainer._run_epoch = dies_in_epoch_three
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert not os.path.exists(tmp_path / "killed" / "summary.json")  # nothing looks complete
+    assert len(open(tmp_path / "killed" / "results.jsonl").readlines()) == 2
+
+    model, masks = _model_and_masks()  # a new process would rebuild everything
+    resumed = gx.Trainer(model, *_loaders(), gx.TrainConfig(**CFG, out_dir=str(tmp_path / "killed")), masks).fit()
+    assert _metrics(resumed.history) == _metrics(full.history)
+    assert resumed.best_test_acc == full.best_test_acc and resumed.final_test_acc == full.final_test_acc
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, full_state[k]), k
+
+
+def test_deterministic_masks_enforced_and_results_written(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        model, masks = _model_and_masks()
+        result = gx.train(model, *_loaders(), masks=masks, out_dir=str(tmp_path / name), **CFG)
+        runs.append(result)
+        params = dict(model.named_parameters())
+        for n, m in masks.items():
+            assert torch.all(params[n][~m] == 0), n
+    assert _metrics(runs[0].history) == _metrics(runs[1].history)
+    out = tmp_path / "a"
+    lines = [json.loads(line) for line in open(out / "results.jsonl")]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+    assert [r["lr"] for r in lines] == pytest.approx([0.05, 0.05, 0.005, 0.0005])  # x0.1 at 50 % and 75 %
+    assert open(out / "results.csv").readline().startswith("epoch,lr,train_loss")
+    summary = json.load(open(out / "summary.json"))
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in lines)
+
+
+def test_bad_input(tmp_path):
+    model, masks = _model_and_masks()
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        gx.TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="lr_milestones must be fractions"):
+        gx.TrainConfig(lr_milestones=(50, 75))
+    with pytest.raises(TypeError, match="valid training options"):
+        gx.train(model, *_loaders(), epoch=3)
+    with pytest.raises(ValueError, match="amp=True needs a CUDA device"):
+        gx.Trainer(model, *_loaders(), gx.TrainConfig(amp=True))
+    with pytest.raises(ValueError, match="is not a parameter of the model"):
+        gx.Trainer(gx.models.resnet20(), *_loaders(), gx.TrainConfig(), masks)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt or unreadable"):
+        gx.train(model, *_loaders(), masks=masks, out_dir=str(out), **CFG)
+    gx.train(model, *_loaders(), masks=masks, out_dir=str(tmp_path / "other"), **{**CFG, "epochs": 1})
+    other_masks = gx.prune(model, "random", 0.5, seed=1)
+    with pytest.raises(ValueError, match="other masks"):
+        gx.train(model, *_loaders(), masks=other_masks, out_dir=str(tmp_path / "other"), **{**CFG, "epochs": 1})
