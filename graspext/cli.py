@@ -10,14 +10,20 @@ import time
 import torch
 
 
+def _datasets(args, train: bool = True):
+    from graspext import data
+
+    return data.load(args.data, args.data_root, train=train, download=args.download), data.NUM_CLASSES[args.data]
+
+
 def _prune(args) -> int:
     import graspext as gx
-    from graspext.data import digits_dataset
     from graspext.models import create
 
     torch.manual_seed(args.seed)
-    model = create(args.model, num_classes=10)
-    loader = torch.utils.data.DataLoader(digits_dataset(train=True), batch_size=128, shuffle=True,
+    dataset, num_classes = _datasets(args)
+    model = create(args.model, num_classes=num_classes)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
     options = {}
     if args.method == "grasp":
@@ -30,7 +36,7 @@ def _prune(args) -> int:
     masks = gx.prune(model, args.method, args.sparsity, loader, scope=args.scope, **options)
     seconds = time.perf_counter() - start
     print(masks.summary())
-    print(f"\n{args.method} on {args.model} with the embedded digits data: {seconds:.2f} s, "
+    print(f"\n{args.method} on {args.model} with the {args.data} data: {seconds:.2f} s, "
           f"{masks.num_kept()} of {masks.num_total()} weights kept")
     if args.out:
         masks.save(args.out)
@@ -44,27 +50,37 @@ def _prune(args) -> int:
 
 def _train(args) -> int:
     import graspext as gx
-    from graspext.data import digits_dataset
     from graspext.models import create
 
     torch.manual_seed(args.seed)
-    model = create(args.model, num_classes=10)
+    train_set, num_classes = _datasets(args, train=True)
+    test_set, _ = _datasets(args, train=False)
+    model = create(args.model, num_classes=num_classes)
     masks = None
     if args.masks:
         masks = gx.Masks.load(args.masks)
         masks.check_fits(model)
-    train_loader = torch.utils.data.DataLoader(digits_dataset(train=True), batch_size=args.batch_size, shuffle=True,
-                                               generator=torch.Generator())
-    test_loader = torch.utils.data.DataLoader(digits_dataset(train=False), batch_size=256)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
+                                               generator=torch.Generator(), num_workers=args.workers)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=256, num_workers=args.workers)
     result = gx.train(model, train_loader, test_loader, masks=masks, epochs=args.epochs, lr=args.lr,
                       weight_decay=args.weight_decay, seed=args.seed, out_dir=args.out, resume=not args.restart,
                       progress=not args.no_progress)
     kind = f"{masks.sparsity():.1%} sparse" if masks is not None else "dense"
-    print(f"{args.model} ({kind}) on the embedded digits data, {args.epochs} epochs: "
+    print(f"{args.model} ({kind}) on the {args.data} data, {args.epochs} epochs: "
           f"best test accuracy {result.best_test_acc:.4f}, final {result.final_test_acc:.4f}")
     if args.out:
         print(f"checkpoint and results in {args.out}")
     return 0
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    from graspext.data import NUM_CLASSES
+
+    p.add_argument("--data", default="digits", choices=sorted(NUM_CLASSES),
+                   help="digits (embedded, the default) or a dataset on disk under --data-root")
+    p.add_argument("--data-root", help="folder holding the dataset (CIFAR: the extracted python-version archive)")
+    p.add_argument("--download", action="store_true", help="CIFAR only: download into --data-root first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="graspext", description="Pruning at initialization.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prune", help="prune a model at initialization on the embedded digits data and report")
-    p.add_argument("--model", default="vgg19_bn", choices=sorted(REGISTRY))
+    p = sub.add_parser("prune", help="prune a model at initialization and report per-layer densities")
+    p.add_argument("--model", default="vgg19_bn", help=f"one of {', '.join(sorted(REGISTRY))} or a torchvision model")
     p.add_argument("--method", default="grasp", choices=sorted(METHODS))
     p.add_argument("--sparsity", type=float, default=0.98)
     p.add_argument("--scope", default="global", choices=["global", "layerwise"])
@@ -83,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the masks here (graspext.Masks.save format)")
     p.add_argument("--json", action="store_true", help="also print a JSON line of the results")
+    _add_data_options(p)
     p.set_defaults(run=_prune)
 
-    t = sub.add_parser("train", help="train a model (dense, or with masks from `prune --out`) on the embedded digits")
-    t.add_argument("--model", default="vgg11_bn", choices=sorted(REGISTRY))
+    t = sub.add_parser("train", help="train a model, dense or with masks from `prune --out`")
+    t.add_argument("--model", default="vgg11_bn", help="as for prune")
     t.add_argument("--masks", help="a masks file written by `graspext prune --out`; omit to train dense")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--lr", type=float, default=0.1)
@@ -96,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="folder for the per-epoch checkpoint and results (resumed when present)")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    _add_data_options(t)
     t.set_defaults(run=_train)
     return parser
 

@@ -32,3 +32,18 @@ def test_train_command_with_masks_and_resume(tmp_path, capsys):
     assert (out / "summary.json").exists() and (out / "checkpoint.pt").exists()
     assert main(["train", "--model", "resnet20", "--masks", str(masks), "--epochs", "1", "--no-progress"]) == 2
     assert "is not a parameter of the model" in capsys.readouterr().err
+
+
+def test_commands_read_cifar_from_disk_and_report_missing_data(tmp_path, capsys):
+    from tests.data.test_datasets import _write_cifar
+
+    _write_cifar(str(tmp_path), n=30)
+    assert main(["prune", "--model", "vgg11_bn", "--method", "snip", "--sparsity", "0.5", "--data", "cifar10",
+                 "--data-root", str(tmp_path)]) == 0
+    assert "with the cifar10 data" in capsys.readouterr().out
+    assert main(["train", "--model", "resnet20", "--epochs", "1", "--data", "cifar10", "--data-root", str(tmp_path),
+                 "--no-progress"]) == 0
+    assert main(["prune", "--data", "cifar100", "--data-root", str(tmp_path / "nothing")]) == 2
+    assert "cifar100 not found" in capsys.readouterr().err
+    assert main(["prune", "--model", "vgg42"]) == 2
+    assert "model must be one of" in capsys.readouterr().err
