@@ -74,6 +74,64 @@ def _train(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    """Prune, then train, from a config (shipped name or file) and/or flags; writes everything to --out."""
+    import os
+
+    import graspext as gx
+    from graspext import data
+    from graspext.config import ExperimentConfig, load_config
+    from graspext.models import create
+
+    if args.config:
+        cfg = load_config(args.config)
+    elif args.model and args.method and args.sparsity is not None:
+        cfg = ExperimentConfig(name=f"{args.data}-{args.model}-{args.method}", model=args.model, dataset=args.data,
+                               method=args.method, sparsity=args.sparsity, train={"epochs": args.epochs or 10})
+    else:
+        raise ValueError("run needs --config, or all of --model, --method and --sparsity")
+    if args.config and args.data != "digits" and args.data != cfg.dataset:
+        raise ValueError(f"--data {args.data} contradicts the config's dataset {cfg.dataset!r}")
+    for flag in ("method", "sparsity", "model"):
+        if args.config and getattr(args, flag) is not None:
+            setattr(cfg, flag, getattr(args, flag))
+            if flag == "method":
+                cfg.prune_options = {}
+    if args.epochs is not None:
+        cfg.train = {**(cfg.train or {}), "epochs": args.epochs}
+    out = args.out or os.path.join("runs", cfg.name)
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    train_set = data.load(cfg.dataset, args.data_root, train=True, download=args.download)
+    model = create(cfg.model, num_classes=data.NUM_CLASSES[cfg.dataset])
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(cfg.seed), num_workers=args.workers)
+    masks_path = os.path.join(out, "masks.pt")
+    if os.path.exists(masks_path):  # a resumed run keeps the masks it trained with
+        masks = gx.Masks.load(masks_path)
+        masks.check_fits(model)
+        print(f"resuming with the masks in {masks_path}")
+    else:
+        options = dict(cfg.prune_options)
+        if cfg.method in ("grasp", "snip", "random"):
+            options.setdefault("seed", cfg.seed)
+        masks = gx.prune(model, cfg.method, cfg.sparsity, loader, **options)
+        masks.save(masks_path)
+        with open(os.path.join(out, "layers.txt"), "w") as f:
+            f.write(masks.summary() + "\n")
+    print(masks.summary())
+    if not cfg.train:
+        print(f"pruning only (the config has no [train] table); masks in {masks_path}")
+        return 0
+    test_set = data.load(cfg.dataset, args.data_root, train=False)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=256, num_workers=args.workers)
+    train_options = {"seed": cfg.seed, **cfg.train, "out_dir": out, "progress": not args.no_progress}
+    result = gx.train(model, loader, test_loader, masks=masks, **train_options)
+    print(f"{cfg.name}: best test accuracy {result.best_test_acc:.4f}, final {result.final_test_acc:.4f} "
+          f"({masks.sparsity():.1%} sparse); results in {out}")
+    return 0
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     from graspext.data import NUM_CLASSES
 
@@ -116,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     _add_data_options(t)
     t.set_defaults(run=_train)
+
+    from graspext.config import list_configs
+
+    r = sub.add_parser("run", help="prune + train from a config (shipped or a .toml file) or flags",
+                       description="Shipped configs: " + ", ".join(list_configs()))
+    r.add_argument("--config", help="a shipped config name or a .toml path")
+    r.add_argument("--model", help="overrides the config's model")
+    r.add_argument("--method", choices=sorted(METHODS), help="overrides the config's method (and drops its options)")
+    r.add_argument("--sparsity", type=float, help="overrides the config's sparsity")
+    r.add_argument("--epochs", type=int, help="overrides the config's epochs")
+    r.add_argument("--out", help="run folder (default runs/<name>); rerunning resumes from it")
+    r.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_options(r)
+    r.set_defaults(run=_run)
     return parser
 
 

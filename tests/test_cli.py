@@ -47,3 +47,19 @@ def test_commands_read_cifar_from_disk_and_report_missing_data(tmp_path, capsys)
     assert "cifar100 not found" in capsys.readouterr().err
     assert main(["prune", "--model", "vgg42"]) == 2
     assert "model must be one of" in capsys.readouterr().err
+
+
+def test_run_command_prunes_trains_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--config", "digits-vgg11-grasp-98", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "digits-vgg11-grasp-98: best test accuracy" in printed
+    for name in ("masks.pt", "layers.txt", "checkpoint.pt", "results.jsonl", "summary.json"):
+        assert (out / name).exists(), name
+    assert main(args) == 0  # finished run: resumes from the checkpoint, trains nothing more
+    assert "resuming with the masks" in capsys.readouterr().out
+    assert main(["run", "--model", "vgg11_bn"]) == 2
+    assert "needs --config, or all of" in capsys.readouterr().err
+    assert main(["run", "--config", "cifar10-vgg19-grasp-90", "--data", "cifar100"]) == 2
+    assert "contradicts the config's dataset" in capsys.readouterr().err
