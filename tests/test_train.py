@@ -41,7 +41,6 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 
     model, masks = _model_and_masks()
     trainer = gx.Trainer(model, *_loaders(), gx.TrainConfig(**CFG, out_dir=str(tmp_path / "killed")), masks)
-    calls = {"n": 0}
     original = trainer._run_epoch
 
     def dies_in_epoch_three(epoch, *args, **kwargs):
