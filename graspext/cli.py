@@ -74,61 +74,66 @@ def _train(args) -> int:
     return 0
 
 
-def _run(args) -> int:
-    """Prune, then train, from a config (shipped name or file) and/or flags; writes everything to --out."""
-    import os
-
-    import graspext as gx
-    from graspext import data
+def _config_from_args(args):
     from graspext.config import ExperimentConfig, load_config
-    from graspext.models import create
 
     if args.config:
         cfg = load_config(args.config)
+        if args.data != "digits" and args.data != cfg.dataset:
+            raise ValueError(f"--data {args.data} contradicts the config's dataset {cfg.dataset!r}")
+        for flag in ("method", "sparsity", "model"):
+            if getattr(args, flag) is not None:
+                setattr(cfg, flag, getattr(args, flag))
+                if flag == "method":
+                    cfg.prune_options = {}
     elif args.model and args.method and args.sparsity is not None:
         cfg = ExperimentConfig(name=f"{args.data}-{args.model}-{args.method}", model=args.model, dataset=args.data,
                                method=args.method, sparsity=args.sparsity, train={"epochs": args.epochs or 10})
     else:
         raise ValueError("run needs --config, or all of --model, --method and --sparsity")
-    if args.config and args.data != "digits" and args.data != cfg.dataset:
-        raise ValueError(f"--data {args.data} contradicts the config's dataset {cfg.dataset!r}")
-    for flag in ("method", "sparsity", "model"):
-        if args.config and getattr(args, flag) is not None:
-            setattr(cfg, flag, getattr(args, flag))
-            if flag == "method":
-                cfg.prune_options = {}
     if args.epochs is not None:
         cfg.train = {**(cfg.train or {}), "epochs": args.epochs}
-    out = args.out or os.path.join("runs", cfg.name)
-    os.makedirs(out, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    train_set = data.load(cfg.dataset, args.data_root, train=True, download=args.download)
-    model = create(cfg.model, num_classes=data.NUM_CLASSES[cfg.dataset])
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(cfg.seed), num_workers=args.workers)
-    masks_path = os.path.join(out, "masks.pt")
-    if os.path.exists(masks_path):  # a resumed run keeps the masks it trained with
-        masks = gx.Masks.load(masks_path)
-        masks.check_fits(model)
-        print(f"resuming with the masks in {masks_path}")
-    else:
-        options = dict(cfg.prune_options)
-        if cfg.method in ("grasp", "snip", "random"):
-            options.setdefault("seed", cfg.seed)
-        masks = gx.prune(model, cfg.method, cfg.sparsity, loader, **options)
-        masks.save(masks_path)
-        with open(os.path.join(out, "layers.txt"), "w") as f:
-            f.write(masks.summary() + "\n")
-    print(masks.summary())
-    if not cfg.train:
-        print(f"pruning only (the config has no [train] table); masks in {masks_path}")
-        return 0
-    test_set = data.load(cfg.dataset, args.data_root, train=False)
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=256, num_workers=args.workers)
-    train_options = {"seed": cfg.seed, **cfg.train, "out_dir": out, "progress": not args.no_progress}
-    result = gx.train(model, loader, test_loader, masks=masks, **train_options)
-    print(f"{cfg.name}: best test accuracy {result.best_test_acc:.4f}, final {result.final_test_acc:.4f} "
-          f"({masks.sparsity():.1%} sparse); results in {out}")
+    return cfg
+
+
+def _run(args) -> int:
+    import os
+
+    from graspext.experiment import run_experiment
+
+    cfg = _config_from_args(args)
+    summary = run_experiment(cfg, out_dir=args.out or os.path.join("runs", cfg.name), data_root=args.data_root,
+                             download=args.download, workers=args.workers, progress=not args.no_progress,
+                             log=print)
+    if "best_test_acc" in summary:
+        print(f"{cfg.name}: best test accuracy {summary['best_test_acc']:.4f}, final "
+              f"{summary['final_test_acc']:.4f} ({summary['sparsity']:.1%} sparse); results in {summary['out_dir']}")
+    return 0
+
+
+def _sweep(args) -> int:
+    from graspext.experiment import SWEEP_MARKDOWN, sweep
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not args.config:  # a base config from flags; method and sparsity vary per run
+        args.model = args.model or "vgg11_bn"
+        args.method, args.sparsity = (methods or [None])[0], (sparsities or [None])[0]
+    cfg = _config_from_args(args)
+    out = args.out or "runs/sweep"
+    sweep(cfg, methods, sparsities, seeds, out, data_root=args.data_root, download=args.download,
+          workers=args.workers, progress=not args.no_progress)
+    with open(f"{out}/{SWEEP_MARKDOWN}") as f:
+        print(f.read())
+    return 0
+
+
+def _report(args) -> int:
+    from graspext.report import report
+
+    for path in report(args.folder, args.out):
+        print(path)
     return 0
 
 
@@ -189,6 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_data_options(r)
     r.set_defaults(run=_run)
+
+    w = sub.add_parser("sweep", help="methods x sparsities x seeds into one results table (mean ± std)")
+    w.add_argument("--config", help="base config (shipped name or .toml); its method and sparsity are replaced")
+    w.add_argument("--model", help="without --config: the model (default vgg11_bn)")
+    w.add_argument("--methods", default="grasp,snip,synflow,random")
+    w.add_argument("--sparsities", default="0.9,0.95,0.98")
+    w.add_argument("--seeds", default="0")
+    w.add_argument("--epochs", type=int, help="overrides the config's epochs")
+    w.add_argument("--out", help="sweep folder (default runs/sweep); rerunning resumes")
+    w.add_argument("--workers", type=int, default=0)
+    w.add_argument("--no-progress", action="store_true")
+    w.set_defaults(run=_sweep, method=None, sparsity=None)
+    _add_data_options(w)
+
+    o = sub.add_parser("report", help="plots (PNG and SVG) from a sweep or run folder")
+    o.add_argument("folder", help="a folder written by `graspext sweep` or `graspext run`")
+    o.add_argument("--out", help="where the plots go (default FOLDER/report)")
+    o.set_defaults(run=_report)
     return parser
 
 

@@ -63,3 +63,30 @@ def test_run_command_prunes_trains_and_resumes(tmp_path, capsys):
     assert "needs --config, or all of" in capsys.readouterr().err
     assert main(["run", "--config", "cifar10-vgg19-grasp-90", "--data", "cifar100"]) == 2
     assert "contradicts the config's dataset" in capsys.readouterr().err
+
+
+def test_sweep_table_and_resume(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", "resnet20", "--methods", "magnitude,random", "--sparsities", "0.5,0.9",
+            "--seeds", "0,1", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "| magnitude | 0.9 | 2 |" in table and "| random | 0.5 | 2 |" in table
+    runs = (out / "sweep_runs.csv").read_text().splitlines()
+    assert len(runs) == 1 + 8 and runs[0].startswith("method,seed,best_test_acc")
+    mtime = (out / "random-0.9-s1" / "checkpoint.pt").stat().st_mtime
+    assert main(args) == 0  # everything finished: read back, nothing retrained
+    assert (out / "random-0.9-s1" / "checkpoint.pt").stat().st_mtime == mtime
+    assert main(["sweep", "--methods", "", "--out", str(out)]) == 2
+
+    assert main(["report", str(out)]) == 0
+    for stem in ("accuracy_vs_sparsity", "layer_density", "training_curves"):
+        for ext in ("png", "svg"):
+            path = out / "report" / f"{stem}.{ext}"
+            assert path.stat().st_size > 2000, path
+    from PIL import Image
+
+    with Image.open(out / "report" / "accuracy_vs_sparsity.png") as img:
+        colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert len(colors) > 20  # lines, markers and text, not a blank canvas
+    assert main(["report", str(tmp_path / "nothing")]) == 2
