@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from graspext.models.init import grasp_init_
+
 CFGS = {
     11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
     13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
@@ -32,15 +34,7 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AvgPool2d(2)
         self.classifier = nn.Linear(c, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        grasp_init_(self)
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)).flatten(1))
