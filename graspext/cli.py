@@ -129,6 +129,13 @@ def _sweep(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from graspext.experiment import demo
+
+    demo(args.out, model=args.model, sparsity=args.sparsity, epochs=args.epochs, progress=not args.no_progress)
+    return 0
+
+
 def _report(args) -> int:
     from graspext.report import report
 
@@ -212,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("folder", help="a folder written by `graspext sweep` or `graspext run`")
     o.add_argument("--out", help="where the plots go (default FOLDER/report)")
     o.set_defaults(run=_report)
+
+    d = sub.add_parser("demo", help="the main job on the embedded data: GraSP, SNIP, SynFlow and random compared")
+    d.add_argument("--model", default="vgg11_bn")
+    d.add_argument("--sparsity", type=float, default=0.98)
+    d.add_argument("--epochs", type=int, default=5)
+    d.add_argument("--out", default="runs/demo", help="demo folder; rerunning reuses finished runs")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(run=_demo)
     return parser
 
 

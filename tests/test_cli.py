@@ -90,3 +90,17 @@ def test_sweep_table_and_resume(tmp_path, capsys):
         colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
     assert len(colors) > 20  # lines, markers and text, not a blank canvas
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_demo_command(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "resnet20", "--sparsity", "0.9", "--epochs", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for method in ("grasp", "snip", "synflow", "random"):
+        assert f"| {method} | 0.9 | 1 |" in printed
+    assert "training step at batch 128: dense" in printed
+    timing = json.loads((out / "demo.json").read_text())["timing"]
+    assert timing["dense_step_s"] > 0 and timing["pruned_step_s"] > 0
+    assert (out / "report" / "accuracy_vs_sparsity.png").stat().st_size > 2000
+    assert (out / "demo.txt").read_text().startswith("graspext demo: resnet20")
