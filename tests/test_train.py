@@ -102,3 +102,15 @@ def test_bad_input(tmp_path):
     other_masks = gx.prune(model, "random", 0.5, seed=1)
     with pytest.raises(ValueError, match="other masks"):
         gx.train(model, *_loaders(), masks=other_masks, out_dir=str(tmp_path / "other"), **{**CFG, "epochs": 1})
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, masks = _model_and_masks()
+    gx.train(model, *_loaders(), masks=masks, out_dir=str(tmp_path), tensorboard=True, **{**CFG, "epochs": 2})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert "test_acc" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("test_acc")] == [1, 2]
