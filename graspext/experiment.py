@@ -6,8 +6,6 @@ Every run lives in its own folder (masks, layer report, checkpoint, results, sum
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import os
 import statistics
@@ -18,7 +16,8 @@ import torch
 
 from graspext.config import ExperimentConfig
 from graspext.masks import Masks
-from graspext.train import SUMMARY, _write_text
+from graspext._io import csv_text, write_text
+from graspext.train import SUMMARY
 
 SWEEP_RUNS = "sweep_runs.csv"
 SWEEP_TABLE = "sweep_table.csv"
@@ -50,7 +49,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str, *, data_root: str | None
             options.setdefault("seed", cfg.seed)
         masks = gx.prune(model, cfg.method, cfg.sparsity, loader, **options)
         masks.save(masks_path)
-        _write_text(os.path.join(out_dir, "layers.txt"), masks.summary() + "\n")
+        write_text(os.path.join(out_dir, "layers.txt"), masks.summary() + "\n")
     log(masks.summary())
     summary: dict[str, Any] = {"name": cfg.name, "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
                                "sparsity": masks.sparsity(), "seed": cfg.seed, "out_dir": out_dir}
@@ -106,22 +105,14 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for (m, s), v in sorted(groups.items())]
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _write_tables(rows, out_dir) -> None:
     table = aggregate(rows)
-    _write_text(os.path.join(out_dir, SWEEP_RUNS), _csv(rows))
-    _write_text(os.path.join(out_dir, SWEEP_TABLE), _csv(table))
+    write_text(os.path.join(out_dir, SWEEP_RUNS), csv_text(rows))
+    write_text(os.path.join(out_dir, SWEEP_TABLE), csv_text(table))
     lines = ["| method | sparsity | runs | best test accuracy (mean ± std) |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {t['method']} | {t['sparsity']:g} | {t['runs']} | "
               f"{100 * t['best_test_acc_mean']:.2f} ± {100 * t['best_test_acc_std']:.2f} |" for t in table]
-    _write_text(os.path.join(out_dir, SWEEP_MARKDOWN), "\n".join(lines) + "\n")
+    write_text(os.path.join(out_dir, SWEEP_MARKDOWN), "\n".join(lines) + "\n")
 
 
 def train_step_seconds(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], masks: Masks | None = None,
@@ -160,7 +151,8 @@ def demo(out_dir: str, *, model: str = "vgg11_bn", sparsity: float = 0.98, epoch
     base = ExperimentConfig(name="demo", model=model, dataset="digits", method=methods[0], sparsity=sparsity,
                             train={"epochs": epochs, "lr": 0.1, "weight_decay": 5e-4})
     sweep(base, methods, [sparsity], [0], out_dir, progress=progress)
-    table = open(os.path.join(out_dir, SWEEP_MARKDOWN)).read()
+    with open(os.path.join(out_dir, SWEEP_MARKDOWN)) as f:
+        table = f.read()
 
     torch.manual_seed(0)
     net = create(model, num_classes=10)
@@ -182,8 +174,8 @@ def demo(out_dir: str, *, model: str = "vgg11_bn", sparsity: float = 0.98, epoch
     lines += ["", "plots: " + ", ".join(os.path.basename(p) for p in plots if p.endswith(".png")) +
               f" in {os.path.join(out_dir, 'report')}"]
     text = "\n".join(lines)
-    _write_text(os.path.join(out_dir, "demo.txt"), text + "\n")
-    _write_text(os.path.join(out_dir, "demo.json"), json.dumps({"timing": timing, "sparsity": sparsity,
+    write_text(os.path.join(out_dir, "demo.txt"), text + "\n")
+    write_text(os.path.join(out_dir, "demo.json"), json.dumps({"timing": timing, "sparsity": sparsity,
                                                                "epochs": epochs, "model": model}, indent=2))
     log(text)
     return timing

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
+
+from graspext._io import atomic_write
 
 _FORMAT = "graspext.masks"
 _FORMAT_VERSION = 1
@@ -113,19 +114,9 @@ class Masks(Mapping[str, Tensor]):
     # Persistence
     def save(self, path: str | os.PathLike) -> None:
         """Writes atomically: a crash mid-write never leaves a file that looks complete."""
-        path = os.fspath(path)
         payload = {"format": _FORMAT, "version": _FORMAT_VERSION, "meta": self.meta,
                    "masks": {n: m.cpu() for n, m in self._masks.items()}}
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".masks-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Masks:

@@ -11,13 +11,10 @@ kill replays exactly the epochs an uninterrupted run would have.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graspext._io import atomic_write, csv_text, write_text
 from graspext.masks import Masks
 
 CHECKPOINT = "checkpoint.pt"
@@ -87,23 +85,6 @@ def _seed_epoch(seed: int, epoch: int, loaders) -> None:
             gen.manual_seed(s)
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: str, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
-
-
 class Trainer:
     """``Trainer(model, train_loader, test_loader, config, masks).fit() -> TrainResult``. Trains in place."""
 
@@ -135,7 +116,7 @@ class Trainer:
                  "scaler": scaler.state_dict() if scaler is not None else None, "history": history,
                  "best_test_acc": best, "config": asdict(self.config),
                  "masks": {n: m.cpu() for n, m in self.masks.items()} if self.masks is not None else None}
-        _atomic_write(self._checkpoint_path(), lambda f: torch.save(state, f))
+        atomic_write(self._checkpoint_path(), lambda f: torch.save(state, f))
 
     def _load(self, optimizer, scheduler, scaler):
         path = self._checkpoint_path()
@@ -165,12 +146,8 @@ class Trainer:
 
     def _write_results(self, history) -> None:
         out = self.config.out_dir
-        _write_text(os.path.join(out, RESULTS_JSONL), "".join(json.dumps(r) + "\n" for r in history))
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-        _write_text(os.path.join(out, RESULTS_CSV), buf.getvalue())
+        write_text(os.path.join(out, RESULTS_JSONL), "".join(json.dumps(r) + "\n" for r in history))
+        write_text(os.path.join(out, RESULTS_CSV), csv_text(history))
 
     # ------------------------------------------------------------------ loops
     def _run_epoch(self, epoch, optimizer, scaler, train: bool):
@@ -258,7 +235,7 @@ class Trainer:
                 writer.close()
         result = TrainResult(best_test_acc=best, final_test_acc=history[-1]["test_acc"], history=history)
         if c.out_dir:
-            _write_text(os.path.join(c.out_dir, SUMMARY), json.dumps(
+            write_text(os.path.join(c.out_dir, SUMMARY), json.dumps(
                 {"best_test_acc": result.best_test_acc, "final_test_acc": result.final_test_acc,
                  "epochs": c.epochs, "config": asdict(c)}, indent=2))
         return result

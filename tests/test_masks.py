@@ -32,7 +32,7 @@ def test_save_load_roundtrip(tmp_path, model_and_masks):
     loaded = gx.Masks.load(path)
     assert list(loaded) == list(masks) and loaded.meta == masks.meta
     assert all(torch.equal(loaded[n], masks[n]) for n in masks)
-    assert not list(tmp_path.glob(".masks-*"))  # no temporary left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["masks.pt"]  # no temporary left behind
 
 
 def test_load_errors(tmp_path):
