@@ -158,6 +158,8 @@ def get_extensions():
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "ops").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "ops" / "cpu").glob("*.cpp"))
+    # One file per instruction set; each picks its own target with `#pragma GCC target`, so no -m flag here.
+    sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "ops" / "cpu" / "isa").glob("*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # ATen's parallel_for is OpenMP-backed in inline headers: without -fopenmp it silently runs serially.
     cxx += ["-fdiagnostics-color=always", "-fopenmp"]

@@ -5,5 +5,7 @@ The operators and their schemas are declared once in ``csrc/ops/*.cpp``; the CPU
 """
 
 from graspext.ops.scores import global_kth_value, masks_from_threshold, score_accumulate_
+from graspext.ops.sparse import cpu_isa, sparse_conv2d, sparse_linear
 
-__all__ = ["score_accumulate_", "global_kth_value", "masks_from_threshold"]
+__all__ = ["score_accumulate_", "global_kth_value", "masks_from_threshold", "sparse_conv2d", "sparse_linear",
+           "cpu_isa"]

@@ -1,0 +1,328 @@
+// Sparse convolution kernels over a SIMD vector of GRASPEXT_VEC_BYTES bytes, compiled once per instruction
+// set by the files beside this one (see sparse_conv2d_kernels.h for what the products compute).
+//
+// The including file first defines GRASPEXT_ISA (the namespace), GRASPEXT_VEC_BYTES and GRASPEXT_FMA, then
+// switches the target with `#pragma GCC target`. No library header may be included after that: an inline
+// library function instantiated here could be emitted with, say, AVX-512 instructions and then be picked
+// by the linker for every caller, which would crash CPUs without them. Everything below is in a namespace
+// of its own per instruction set for the same reason.
+//
+// Register tiles: kPos consecutive output positions times kVecs vectors of the batch. A pixel of one
+// channel is `batch` contiguous values, so a tile as wide as the batch reads whole cache lines and no
+// line is fetched twice; the position count then fills the register file (accumulators: 16 of AVX-512's
+// 32 registers, 8 of the 16 that AVX2 and SSE have).
+
+namespace graspext::cpu::GRASPEXT_ISA {
+
+template <typename T>
+struct Vec {
+  static constexpr int kWidth = GRASPEXT_VEC_BYTES / sizeof(T);
+  typedef T type __attribute__((vector_size(GRASPEXT_VEC_BYTES)));
+  typedef T unaligned __attribute__((vector_size(GRASPEXT_VEC_BYTES), aligned(sizeof(T)), may_alias));
+
+  static inline type load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
+  static inline void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
+  // First n lanes only; the others read as zero. Used at the end of the batch, where a full load would
+  // read past the tensor.
+  static inline type load_first(const T* p, int n) {
+    type v = {};
+    for (int i = 0; i < n; ++i) v[i] = p[i];
+    return v;
+  }
+  static inline void store_first(T* p, type v, int n) {
+    for (int i = 0; i < n; ++i) p[i] = v[i];
+  }
+  static inline type splat(T x) { return type{} + x; }
+  static inline type fma(type a, type b, type c) { return GRASPEXT_FMA(a, b, c); }
+  static inline T sum(type v) {
+    T s = 0;
+    for (int i = 0; i < kWidth; ++i) s += v[i];
+    return s;
+  }
+};
+
+constexpr int kAccumulators = GRASPEXT_VEC_BYTES >= 64 ? 16 : 8;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Taps that fall into the padding read this block instead of branching: which taps do, at the image
+// border, is as unpredictable as the mask, and a mispredicted branch costs more than the wasted FMAs.
+template <typename T>
+struct ZeroBlock {
+  alignas(64) static constexpr T values[kAccumulators * GRASPEXT_VEC_BYTES / sizeof(T)] = {};
+};
+
+// The batch range [n, n + count) of one tile: `nvec` vectors, the last holding `lanes` values.
+struct BatchTile {
+  int nvec;
+  int lanes;
+};
+
+template <typename T>
+inline BatchTile batch_tile(int64_t count) {
+  constexpr int W = Vec<T>::kWidth;
+  const int nvec = static_cast<int>((count + W - 1) / W);
+  return {nvec, static_cast<int>(count - static_cast<int64_t>(nvec - 1) * W)};
+}
+
+template <typename T, bool kFull>
+inline typename Vec<T>::type load_block(const T* p, int b, BatchTile t) {
+  using V = Vec<T>;
+  if (kFull || b < t.nvec - 1 || t.lanes == V::kWidth) return V::load(p + b * V::kWidth);
+  return V::load_first(p + b * V::kWidth, t.lanes);
+}
+
+template <typename T, bool kFull>
+inline void store_block(T* p, int b, BatchTile t, typename Vec<T>::type v) {
+  using V = Vec<T>;
+  if (kFull || b < t.nvec - 1 || t.lanes == V::kWidth) {
+    V::store(p + b * V::kWidth, v);
+  } else {
+    V::store_first(p + b * V::kWidth, v, t.lanes);
+  }
+}
+
+// Fills `taps` with the entries of `row` whose kernel row lands inside the source for destination row y,
+// with the offset of their source row. Returns how many. `values` is null for the weight gradient.
+template <typename T>
+inline int64_t collect_row_taps(const int64_t* row_ptr, const int64_t* tap_base, const int32_t* tap_r,
+                                const int32_t* tap_s, const T* values, const int32_t* value_index, int64_t row,
+                                int64_t y, int64_t dst_h, int64_t src_row_stride, const int32_t* row_map,
+                                const TapScratch<T>& taps) {
+  // Branch-free compaction: whether a tap is in bounds follows no pattern the predictor could learn.
+  int64_t n = 0;
+  for (int64_t e = row_ptr[row]; e < row_ptr[row + 1]; ++e) {
+    const int32_t sy = row_map[tap_r[e] * dst_h + y];
+    taps.offset[n] = tap_base[e] + static_cast<int64_t>(sy) * src_row_stride;
+    taps.col[n] = tap_s[e];
+    taps.entry[n] = static_cast<int32_t>(e);
+    if (values) taps.weight[n] = values[value_index ? value_index[e] : e];
+    n += sy >= 0;
+  }
+  return n;
+}
+
+// ---- Gather product (forward and input gradient) -------------------------------------------------
+
+// One tile of destination row y: positions x0 .. x0 + npos - 1 (npos <= kPos) and one batch tile.
+template <typename T, int kPos, int kVecs, bool kFull>
+inline void gather_tile(const T* src, int64_t batch, const TapScratch<T>& taps, int64_t ntaps,
+                        const int32_t* col_map, int64_t dst_w, int64_t x0, int npos, BatchTile bt, T bias,
+                        T* dst) {
+  using V = Vec<T>;
+  using v_t = typename V::type;
+  v_t acc[kPos][kVecs];
+#pragma GCC unroll 16
+  for (int p = 0; p < kPos; ++p)
+#pragma GCC unroll 16
+    for (int b = 0; b < kVecs; ++b) acc[p][b] = V::splat(bias);
+
+  for (int64_t j = 0; j < ntaps; ++j) {
+    const v_t w = V::splat(taps.weight[j]);
+    const T* src_row = src + taps.offset[j];
+    const int32_t* cmap = col_map + static_cast<int64_t>(taps.col[j]) * dst_w + x0;
+#pragma GCC unroll 16
+    for (int p = 0; p < kPos; ++p) {
+      if (p >= npos) break;
+      const int32_t sx = cmap[p];
+      const T* px = sx >= 0 ? src_row + static_cast<int64_t>(sx) * batch : ZeroBlock<T>::values;
+#pragma GCC unroll 16
+      for (int b = 0; b < kVecs; ++b) {
+        if (!kFull && b >= bt.nvec) break;
+        acc[p][b] = V::fma(w, load_block<T, kFull>(px, b, bt), acc[p][b]);
+      }
+    }
+  }
+
+#pragma GCC unroll 16
+  for (int p = 0; p < kPos; ++p) {
+    if (p >= npos) break;
+    T* out = dst + (x0 + p) * batch;
+#pragma GCC unroll 16
+    for (int b = 0; b < kVecs; ++b) {
+      if (!kFull && b >= bt.nvec) break;
+      store_block<T, kFull>(out, b, bt, acc[p][b]);
+    }
+  }
+}
+
+template <typename T, int kPos, int kVecs>
+void gather_items(const GatherConvArgs<T>& a, GatherBlocking blk, int64_t item_begin, int64_t item_end,
+                  TapScratch<T> taps) {
+  constexpr int64_t kTile = kVecs * Vec<T>::kWidth;
+  const int64_t src_row_stride = a.src_w * a.batch;
+  const int64_t x_blocks = (a.dst_w + blk.x_block - 1) / blk.x_block;
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    int64_t rest = item;
+    const int64_t row = rest % a.dst_rows;
+    rest /= a.dst_rows;
+    const int64_t xb = rest % x_blocks;
+    rest /= x_blocks;
+    const int64_t y = rest % a.dst_h;
+    const int64_t chunk = rest / a.dst_h;
+    const int64_t ntaps = collect_row_taps(a.row_ptr, a.tap_base, a.tap_r, a.tap_s, a.values, a.value_index, row,
+                                           y, a.dst_h, src_row_stride, a.row_map, taps);
+    const T bias = a.bias ? a.bias[row] : T(0);
+    T* dst_row = a.dst + ((row * a.dst_h + y) * a.dst_w) * a.batch;
+    const int64_t n_end = min64(a.batch, (chunk + 1) * blk.batch_chunk);
+    const int64_t x_end = min64(a.dst_w, (xb + 1) * blk.x_block);
+    for (int64_t n = chunk * blk.batch_chunk; n < n_end; n += kTile) {
+      const int64_t count = min64(kTile, n_end - n);
+      const BatchTile bt = batch_tile<T>(count);
+      for (int64_t x0 = xb * blk.x_block; x0 < x_end; x0 += kPos) {
+        const int npos = static_cast<int>(min64(kPos, x_end - x0));
+        if (count == kTile) {
+          gather_tile<T, kPos, kVecs, true>(a.src + n, a.batch, taps, ntaps, a.col_map, a.dst_w, x0, npos, bt,
+                                            bias, dst_row + n);
+        } else {
+          gather_tile<T, kPos, kVecs, false>(a.src + n, a.batch, taps, ntaps, a.col_map, a.dst_w, x0, npos, bt,
+                                             bias, dst_row + n);
+        }
+      }
+    }
+  }
+}
+
+// Picks the register tile for `batch` values per pixel and rows `width` positions wide and calls
+// kernel.run<kPos, kVecs>(): as many batch vectors as the batch fills, the rest of the accumulators along x.
+template <typename T, typename Kernel>
+inline void with_tile(int64_t batch, int64_t width, Kernel&& kernel) {
+  constexpr int W = Vec<T>::kWidth;
+  constexpr int R = kAccumulators;
+  const int64_t vectors = (batch + W - 1) / W;
+  if (vectors >= R || width == 1) {
+    kernel.template run<1, R>();
+  } else if (vectors > R / 4 || width < 4) {
+    kernel.template run<2, R / 2>();
+  } else if (vectors > R / 8 || width < 8) {
+    kernel.template run<4, R / 4>();
+  } else {
+    kernel.template run<8, R / 8>();
+  }
+}
+
+template <typename T>
+struct GatherLauncher {
+  const GatherConvArgs<T>& a;
+  GatherBlocking blk;
+  int64_t begin, end;
+  TapScratch<T> taps;
+  template <int kPos, int kVecs>
+  void run() {
+    gather_items<T, kPos, kVecs>(a, blk, begin, end, taps);
+  }
+};
+
+template <typename T>
+void gather(const GatherConvArgs<T>& a, GatherBlocking blk, int64_t item_begin, int64_t item_end,
+            TapScratch<T> taps) {
+  with_tile<T>(min64(a.batch, blk.batch_chunk), min64(a.dst_w, blk.x_block),
+               GatherLauncher<T>{a, blk, item_begin, item_end, taps});
+}
+
+// ---- Sampled product (weight gradient) ---------------------------------------------------------------
+
+template <typename T, int kPos, int kVecs, bool kFull>
+inline void sddmm_tile(const T* go, const T* in, int64_t batch, const TapScratch<T>& taps, int64_t ntaps,
+                       const int32_t* col_map, int64_t out_w, int64_t x0, int npos, BatchTile bt,
+                       typename Vec<T>::type* partial) {
+  using V = Vec<T>;
+  using v_t = typename V::type;
+  constexpr int kAcc = kVecs < 4 ? kVecs : 4;
+  // The grad_output tile stays in registers while every tap of the row streams its input pixels past it.
+  v_t g[kPos][kVecs];
+#pragma GCC unroll 16
+  for (int p = 0; p < kPos; ++p)
+#pragma GCC unroll 16
+    for (int b = 0; b < kVecs; ++b) {
+      g[p][b] = V::splat(T(0));
+      if (p < npos && (kFull || b < bt.nvec)) g[p][b] = load_block<T, kFull>(go + (x0 + p) * batch, b, bt);
+    }
+
+  for (int64_t j = 0; j < ntaps; ++j) {
+    const T* in_row = in + taps.offset[j];
+    const int32_t* cmap = col_map + static_cast<int64_t>(taps.col[j]) * out_w + x0;
+    v_t acc[kAcc];
+#pragma GCC unroll 16
+    for (int b = 0; b < kAcc; ++b) acc[b] = V::splat(T(0));
+#pragma GCC unroll 16
+    for (int p = 0; p < kPos; ++p) {
+      if (p >= npos) break;
+      const int32_t sx = cmap[p];
+      const T* px = sx >= 0 ? in_row + static_cast<int64_t>(sx) * batch : ZeroBlock<T>::values;
+#pragma GCC unroll 16
+      for (int b = 0; b < kVecs; ++b) {
+        if (!kFull && b >= bt.nvec) break;
+        acc[b % kAcc] = V::fma(g[p][b], load_block<T, kFull>(px, b, bt), acc[b % kAcc]);
+      }
+    }
+    v_t total = acc[0];
+#pragma GCC unroll 16
+    for (int b = 1; b < kAcc; ++b) total += acc[b];
+    partial[taps.entry[j]] += total;
+  }
+}
+
+template <typename T, int kPos, int kVecs>
+void sddmm_rows(const SddmmConvArgs<T>& a, int64_t row_begin, int64_t row_end, TapScratch<T> taps,
+                T* partial_storage) {
+  using V = Vec<T>;
+  using v_t = typename V::type;
+  constexpr int64_t kTile = kVecs * V::kWidth;
+  const int64_t e_begin = a.row_ptr[row_begin];
+  const int64_t e_end = a.row_ptr[row_end];
+  const int64_t in_row_stride = a.in_w * a.batch;
+  v_t* partial = reinterpret_cast<v_t*>(partial_storage);
+  for (int64_t e = 0; e < e_end - e_begin; ++e) partial[e] = V::splat(T(0));
+  // Output rows y outermost, channels inside: consecutive channels read the same few input rows, which stay
+  // in cache; each entry's partial sum waits in `partial` meanwhile.
+  for (int64_t y = 0; y < a.out_h; ++y) {
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const int64_t ntaps = collect_row_taps<T>(a.row_ptr, a.tap_base, a.tap_r, a.tap_s, nullptr, nullptr, row, y,
+                                                a.out_h, in_row_stride, a.row_map, taps);
+      if (ntaps == 0) continue;
+      for (int64_t j = 0; j < ntaps; ++j) taps.entry[j] -= static_cast<int32_t>(e_begin);
+      const T* go_row = a.grad_output + ((row * a.out_h + y) * a.out_w) * a.batch;
+      for (int64_t n = 0; n < a.batch; n += kTile) {
+        const int64_t count = min64(kTile, a.batch - n);
+        const BatchTile bt = batch_tile<T>(count);
+        for (int64_t x0 = 0; x0 < a.out_w; x0 += kPos) {
+          const int npos = static_cast<int>(min64(kPos, a.out_w - x0));
+          if (count == kTile) {
+            sddmm_tile<T, kPos, kVecs, true>(go_row + n, a.input + n, a.batch, taps, ntaps, a.col_map, a.out_w, x0,
+                                             npos, bt, partial);
+          } else {
+            sddmm_tile<T, kPos, kVecs, false>(go_row + n, a.input + n, a.batch, taps, ntaps, a.col_map, a.out_w,
+                                              x0, npos, bt, partial);
+          }
+        }
+      }
+    }
+  }
+  for (int64_t e = e_begin; e < e_end; ++e) a.grad_values[e] = V::sum(partial[e - e_begin]);
+}
+
+template <typename T>
+struct SddmmLauncher {
+  const SddmmConvArgs<T>& a;
+  int64_t begin, end;
+  TapScratch<T> taps;
+  T* partial;
+  template <int kPos, int kVecs>
+  void run() {
+    sddmm_rows<T, kPos, kVecs>(a, begin, end, taps, partial);
+  }
+};
+
+template <typename T>
+void sddmm(const SddmmConvArgs<T>& a, int64_t row_begin, int64_t row_end, TapScratch<T> taps, T* partial) {
+  with_tile<T>(a.batch, a.out_w, SddmmLauncher<T>{a, row_begin, row_end, taps, partial});
+}
+
+inline const SparseConvKernels* kernels() {
+  static const SparseConvKernels table{GRASPEXT_ISA_NAME, GRASPEXT_VEC_BYTES, &gather<float>, &gather<double>,
+                                       &sddmm<float>, &sddmm<double>};
+  return &table;
+}
+
+}  // namespace graspext::cpu::GRASPEXT_ISA

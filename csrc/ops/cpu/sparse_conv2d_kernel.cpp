@@ -1,0 +1,417 @@
+// CPU driver of the sparse convolution ops: checks, batch-innermost layouts, stride/padding maps, threading,
+// and the choice of SIMD kernels (isa/) by what this CPU supports.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/env.h>
+#include <torch/library.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "ops/cpu/sparse_conv2d_kernels.h"
+#include "ops/sparse_conv2d.h"
+
+namespace graspext::ops {
+namespace {
+
+using cpu::SparseConvKernels;
+
+bool cpu_supports(const SparseConvKernels* k) {
+  if (k == nullptr) return false;
+#if defined(__x86_64__) && defined(__GNUC__)
+  const std::string isa = k->isa;
+  // GCC's checks also require the OS to save the wider registers (XCR0), not only the CPUID bits.
+  if (isa == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                              __builtin_cpu_supports("avx512vl");
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return true;
+}
+
+std::vector<const SparseConvKernels*> supported_kernels() {  // best first
+  std::vector<const SparseConvKernels*> out;
+  for (const auto* k : {cpu::avx512_kernels(), cpu::avx2_kernels(), cpu::baseline_kernels()}) {
+    if (cpu_supports(k)) out.push_back(k);
+  }
+  return out;
+}
+
+const SparseConvKernels* select_kernels(const std::string& isa) {
+  std::string names;
+  for (const auto* k : supported_kernels()) {
+    if (isa == k->isa) return k;
+    names += names.empty() ? k->isa : std::string(", ") + k->isa;
+  }
+  TORCH_CHECK(false, "isa must be one this CPU supports (", names, "), got '", isa, "'");
+}
+
+std::atomic<const SparseConvKernels*>& active_kernels() {
+  static std::atomic<const SparseConvKernels*> active = [] {
+    // GRASPEXT_CPU_ISA pins a code path (e.g. to compare them); otherwise the widest the CPU runs.
+    const auto env = c10::utils::get_env("GRASPEXT_CPU_ISA");
+    return env && !env->empty() ? select_kernels(*env) : supported_kernels().front();
+  }();
+  return active;
+}
+
+std::string sparse_cpu_isa(c10::string_view isa) {
+  if (!isa.empty()) active_kernels().store(select_kernels(std::string(isa)));
+  return active_kernels().load()->isa;
+}
+
+void check_image(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor here, got ", t.device());
+}
+
+// [N, C, H, W] (any strides) -> contiguous [C, H, W, N]; free when it already is (the output of a sparse op).
+at::Tensor batch_innermost(const at::Tensor& x) { return x.permute({1, 2, 3, 0}).contiguous(); }
+
+// An NCHW-shaped tensor with batch-innermost storage ([C, H, W, N] in memory). Allocated with these strides
+// rather than permuted, so it is no view and callers may modify it in place (e.g. ReLU(inplace=True)).
+at::Tensor empty_batch_innermost(int64_t n, int64_t c, int64_t h, int64_t w, const at::TensorOptions& options) {
+  return at::empty_strided({n, c, h, w}, {1, h * w * n, w * n, n}, options);
+}
+
+// map[k * dst + d] = source index of destination d through kernel offset k, or -1 outside the source.
+// Forward: source = dst * stride - pad + k. Input gradient (transposed): source = (dst + pad - k) / stride when
+// that divides exactly.
+std::vector<int32_t> forward_map(int64_t kernel, int64_t dst, int64_t src, int64_t stride, int64_t pad) {
+  std::vector<int32_t> map(kernel * dst, -1);
+  for (int64_t k = 0; k < kernel; ++k)
+    for (int64_t d = 0; d < dst; ++d) {
+      const int64_t s = d * stride - pad + k;
+      if (s >= 0 && s < src) map[k * dst + d] = static_cast<int32_t>(s);
+    }
+  return map;
+}
+
+std::vector<int32_t> transposed_map(int64_t kernel, int64_t dst, int64_t src, int64_t stride, int64_t pad) {
+  std::vector<int32_t> map(kernel * dst, -1);
+  for (int64_t k = 0; k < kernel; ++k)
+    for (int64_t d = 0; d < dst; ++d) {
+      const int64_t num = d + pad - k;
+      if (num >= 0 && num % stride == 0 && num / stride < src) map[k * dst + d] = static_cast<int32_t>(num / stride);
+    }
+  return map;
+}
+
+int64_t max_row_nnz(const int64_t* ptr, int64_t rows) {
+  int64_t m = 0;
+  for (int64_t r = 0; r < rows; ++r) m = std::max(m, ptr[r + 1] - ptr[r]);
+  return m;
+}
+
+template <typename T>
+struct ScratchBuffers {
+  std::vector<int64_t> offset;
+  std::vector<int32_t> col, entry;
+  std::vector<T> weight;
+  explicit ScratchBuffers(int64_t n) : offset(n), col(n), entry(n), weight(n) {}
+  cpu::TapScratch<T> view() { return {offset.data(), col.data(), entry.data(), weight.data()}; }
+};
+
+template <typename T>
+cpu::GatherFn<T> gather_fn(const SparseConvKernels* k) {
+  if constexpr (std::is_same_v<T, float>) return k->gather_f32;
+  else return k->gather_f64;
+}
+
+template <typename T>
+cpu::SddmmFn<T> sddmm_fn(const SparseConvKernels* k) {
+  if constexpr (std::is_same_v<T, float>) return k->sddmm_f32;
+  else return k->sddmm_f64;
+}
+
+// Each entry's tap decoded once per call: the offset of its source channel and its kernel row and column.
+struct DecodedTaps {
+  std::vector<int64_t> base;
+  std::vector<int32_t> r, s;
+};
+
+DecodedTaps decode_taps(const at::Tensor& taps, int64_t kernel_h, int64_t kernel_w, int64_t channel_stride) {
+  const int64_t nnz = taps.numel();
+  const auto* t = taps.const_data_ptr<int32_t>();
+  DecodedTaps d{std::vector<int64_t>(nnz), std::vector<int32_t>(nnz), std::vector<int32_t>(nnz)};
+  const int64_t khw = kernel_h * kernel_w;
+  at::parallel_for(0, nnz, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t c = t[e] / khw;
+      const int64_t rs = t[e] - c * khw;
+      d.base[e] = c * channel_stride;
+      d.r[e] = static_cast<int32_t>(rs / kernel_w);
+      d.s[e] = static_cast<int32_t>(rs % kernel_w);
+    }
+  });
+  return d;
+}
+
+// Bytes of L2 one block's source pixels may fill: half of this CPU's L2, for the output and the rest.
+int64_t l2_budget() {
+  static const int64_t budget = [] {
+    long l2 = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return l2 > 0 ? std::max<int64_t>(l2 / 2, 128 << 10) : int64_t{512} << 10;
+  }();
+  return budget;
+}
+
+// Shrinks the x block, then the batch chunk, until the source pixels that one block reads across all
+// output rows -- src_channels x kernel_h rows of (x_block * stride + kernel_w - 1) pixels -- fit the budget.
+template <typename T>
+cpu::GatherBlocking gather_blocking(int64_t src_channels, int64_t kernel_h, int64_t kernel_w, int64_t stride_w,
+                                    int64_t batch, int64_t dst_w, int64_t vector_lanes) {
+  cpu::GatherBlocking b{batch, dst_w};
+  const auto bytes = [&] {
+    return src_channels * kernel_h * (b.x_block * stride_w + kernel_w - 1) * b.batch_chunk *
+           static_cast<int64_t>(sizeof(T));
+  };
+  while (bytes() > l2_budget()) {
+    if (b.x_block > 8) {
+      b.x_block = (b.x_block + 1) / 2;
+    } else if (b.batch_chunk > 8 * vector_lanes) {
+      b.batch_chunk = (b.batch_chunk / 2 + vector_lanes - 1) / vector_lanes * vector_lanes;
+    } else {
+      break;
+    }
+  }
+  return b;
+}
+
+template <typename T>
+void run_gather(const cpu::GatherConvArgs<T>& args, int64_t src_channels, int64_t stride_w) {
+  const auto* kernels = active_kernels().load();
+  const auto fn = gather_fn<T>(kernels);
+  const int64_t lanes = kernels->vector_bytes / static_cast<int64_t>(sizeof(T));
+  const auto blk = gather_blocking<T>(src_channels, args.kernel_h, args.kernel_w, stride_w, args.batch, args.dst_w,
+                                      lanes);
+  const int64_t chunks = (args.batch + blk.batch_chunk - 1) / blk.batch_chunk;
+  const int64_t x_blocks = (args.dst_w + blk.x_block - 1) / blk.x_block;
+  const int64_t scratch = max_row_nnz(args.row_ptr, args.dst_rows);
+  // Contiguous item ranges per thread: each thread sweeps its own blocks, all rows of each.
+  at::parallel_for(0, chunks * args.dst_h * x_blocks * args.dst_rows, 1, [&](int64_t begin, int64_t end) {
+    ScratchBuffers<T> buffers(scratch);
+    fn(args, blk, begin, end, buffers.view());
+  });
+}
+
+// Writes the forward product into `out`, whose storage is [out_channels, out_h, out_w, batch].
+at::Tensor& sparse_conv2d_into(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                               const at::Tensor& row_taps, const std::optional<at::Tensor>& bias,
+                               const ConvGeometry& g, at::Tensor& out) {
+  check_image(input, "input");
+  check_values(values, input, "input");
+  const int64_t khw = g.kernel_h * g.kernel_w;
+  check_sparse_index(row_ptr, row_taps, nullptr, g.out_channels, g.in_channels * khw, values.numel(), "row_ptr",
+                     "row_taps", "");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.out_channels, "bias must have shape [", g.out_channels,
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias has dtype ", bias->scalar_type(),
+                " but input has ", input.scalar_type());
+  }
+  if (out.numel() == 0) return out;
+  const auto x = batch_innermost(input);
+  const auto v = values.contiguous();
+  const auto b = bias ? bias->contiguous() : at::Tensor();
+  const auto row_map = forward_map(g.kernel_h, g.out_h, g.in_h, g.stride_h, g.pad_h);
+  const auto col_map = forward_map(g.kernel_w, g.out_w, g.in_w, g.stride_w, g.pad_w);
+  const auto taps = decode_taps(row_taps, g.kernel_h, g.kernel_w, g.in_h * g.in_w * g.batch);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d_cpu", [&] {
+    cpu::GatherConvArgs<scalar_t> args{g.batch,
+                                       g.in_h,
+                                       g.in_w,
+                                       g.out_channels,
+                                       g.out_h,
+                                       g.out_w,
+                                       g.kernel_h,
+                                       g.kernel_w,
+                                       x.const_data_ptr<scalar_t>(),
+                                       out.data_ptr<scalar_t>(),
+                                       row_ptr.const_data_ptr<int64_t>(),
+                                       taps.base.data(),
+                                       taps.r.data(),
+                                       taps.s.data(),
+                                       v.const_data_ptr<scalar_t>(),
+                                       nullptr,
+                                       b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
+                                       row_map.data(),
+                                       col_map.data()};
+    run_gather(args, g.in_channels, g.stride_w);
+  });
+  return out;
+}
+
+at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                             const at::Tensor& row_taps, const at::Tensor& col_ptr, const at::Tensor& col_taps,
+                             const at::Tensor& col_order, const std::optional<at::Tensor>& bias,
+                             at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding) {
+  (void)col_ptr, (void)col_taps, (void)col_order;  // for the backward pass
+  TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, C, H, W), got shape ", input.sizes());
+  const auto g = make_conv_geometry(input.sizes(), weight_shape, stride, padding);
+  auto out = empty_batch_innermost(g.batch, g.out_channels, g.out_h, g.out_w, input.options());
+  return sparse_conv2d_into(input, values, row_ptr, row_taps, bias, g, out);
+}
+
+at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& values,
+                                            const at::Tensor& col_ptr, const at::Tensor& col_taps,
+                                            const at::Tensor& col_order, at::IntArrayRef weight_shape,
+                                            at::IntArrayRef input_shape, at::IntArrayRef stride,
+                                            at::IntArrayRef padding) {
+  check_image(grad_output, "grad_output");
+  check_values(values, grad_output, "grad_output");
+  const auto g = make_conv_geometry(input_shape, weight_shape, stride, padding);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_h, g.out_w}),
+              "grad_output must have shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
+              "], got ", grad_output.sizes());
+  check_sparse_index(col_ptr, col_taps, &col_order, g.in_channels, g.out_channels * g.kernel_h * g.kernel_w,
+                     values.numel(), "col_ptr", "col_taps", "col_order");
+  auto grad_input = empty_batch_innermost(g.batch, g.in_channels, g.in_h, g.in_w, grad_output.options());
+  if (grad_input.numel() == 0) return grad_input;
+  const auto dy = batch_innermost(grad_output);
+  const auto v = values.contiguous();
+  const auto row_map = transposed_map(g.kernel_h, g.in_h, g.out_h, g.stride_h, g.pad_h);
+  const auto col_map = transposed_map(g.kernel_w, g.in_w, g.out_w, g.stride_w, g.pad_w);
+  const auto taps = decode_taps(col_taps, g.kernel_h, g.kernel_w, g.out_h * g.out_w * g.batch);
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "sparse_conv2d_backward_input_cpu", [&] {
+    cpu::GatherConvArgs<scalar_t> args{g.batch,
+                                       g.out_h,
+                                       g.out_w,
+                                       g.in_channels,
+                                       g.in_h,
+                                       g.in_w,
+                                       g.kernel_h,
+                                       g.kernel_w,
+                                       dy.const_data_ptr<scalar_t>(),
+                                       grad_input.data_ptr<scalar_t>(),
+                                       col_ptr.const_data_ptr<int64_t>(),
+                                       taps.base.data(),
+                                       taps.r.data(),
+                                       taps.s.data(),
+                                       v.const_data_ptr<scalar_t>(),
+                                       col_order.const_data_ptr<int32_t>(),
+                                       nullptr,
+                                       row_map.data(),
+                                       col_map.data()};
+    // Transposed: each input position reads about kernel_w / stride_w output pixels per kernel row.
+    run_gather(args, g.out_channels, 1);
+  });
+  return grad_input;
+}
+
+// Splits rows into `parts` contiguous ranges with about equal numbers of entries.
+std::vector<int64_t> balanced_row_ranges(const int64_t* ptr, int64_t rows, int64_t parts) {
+  std::vector<int64_t> bounds{0};
+  const int64_t nnz = ptr[rows];
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = (nnz * p + parts - 1) / parts;
+    const int64_t row = std::lower_bound(ptr, ptr + rows + 1, target) - ptr;
+    bounds.push_back(std::clamp(row, bounds.back(), rows));
+  }
+  bounds.push_back(rows);
+  return bounds;
+}
+
+at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                             const at::Tensor& row_ptr, const at::Tensor& row_taps,
+                                             at::IntArrayRef weight_shape, at::IntArrayRef stride,
+                                             at::IntArrayRef padding) {
+  check_image(grad_output, "grad_output");
+  check_image(input, "input");
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output has dtype ",
+              grad_output.scalar_type(), " but input has ", input.scalar_type());
+  const auto g = make_conv_geometry(input.sizes(), weight_shape, stride, padding);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_h, g.out_w}),
+              "grad_output must have shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
+              "], got ", grad_output.sizes());
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() == g.out_channels + 1,
+              "row_ptr must have out_channels + 1 = ", g.out_channels + 1, " entries, got shape ", row_ptr.sizes());
+  const int64_t nnz = row_taps.numel();
+  check_sparse_index(row_ptr, row_taps, nullptr, g.out_channels, g.in_channels * g.kernel_h * g.kernel_w, nnz,
+                     "row_ptr", "row_taps", "");
+  auto grad_values = at::zeros({nnz}, input.options());
+  if (nnz == 0 || g.batch == 0) return grad_values;
+  const auto dy = batch_innermost(grad_output);
+  const auto x = batch_innermost(input);
+  const auto row_map = forward_map(g.kernel_h, g.out_h, g.in_h, g.stride_h, g.pad_h);
+  const auto col_map = forward_map(g.kernel_w, g.out_w, g.in_w, g.stride_w, g.pad_w);
+  const auto* ptr = row_ptr.const_data_ptr<int64_t>();
+  const auto* kernels = active_kernels().load();
+  const auto ranges = balanced_row_ranges(ptr, g.out_channels, at::get_num_threads());
+  const int64_t scratch = max_row_nnz(ptr, g.out_channels);
+  const auto taps = decode_taps(row_taps, g.kernel_h, g.kernel_w, g.in_h * g.in_w * g.batch);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d_backward_weight_cpu", [&] {
+    cpu::SddmmConvArgs<scalar_t> args{g.batch,
+                                      g.in_h,
+                                      g.in_w,
+                                      g.out_h,
+                                      g.out_w,
+                                      g.kernel_h,
+                                      g.kernel_w,
+                                      dy.const_data_ptr<scalar_t>(),
+                                      x.const_data_ptr<scalar_t>(),
+                                      ptr,
+                                      taps.base.data(),
+                                      taps.r.data(),
+                                      taps.s.data(),
+                                      row_map.data(),
+                                      col_map.data(),
+                                      grad_values.data_ptr<scalar_t>()};
+    const auto fn = sddmm_fn<scalar_t>(kernels);
+    const int64_t lanes = kernels->vector_bytes / static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t parts = static_cast<int64_t>(ranges.size()) - 1;
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      ScratchBuffers<scalar_t> buffers(scratch);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t rows_nnz = ptr[ranges[p + 1]] - ptr[ranges[p]];
+        if (rows_nnz == 0) continue;
+        // One vector of partial sums per entry, aligned to the vector size (64 bytes covers every ISA).
+        std::vector<scalar_t> partial(rows_nnz * lanes + 64 / sizeof(scalar_t));
+        auto* aligned = reinterpret_cast<scalar_t*>((reinterpret_cast<uintptr_t>(partial.data()) + 63) & ~uintptr_t{63});
+        fn(args, ranges[p], ranges[p + 1], buffers.view(), aligned);
+      }
+    });
+  });
+  return grad_values;
+}
+
+at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                             const at::Tensor& row_taps, const at::Tensor& col_ptr, const at::Tensor& col_taps,
+                             const at::Tensor& col_order, const std::optional<at::Tensor>& bias) {
+  (void)col_ptr, (void)col_taps, (void)col_order;  // for the backward pass
+  TORCH_CHECK(input.dim() == 2, "input must be 2-D (N, in_features), got shape ", input.sizes());
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "row_ptr must be a vector of out_features + 1 offsets");
+  const int64_t n = input.size(0), out_features = row_ptr.numel() - 1;
+  const auto g = make_conv_geometry({n, input.size(1), 1, 1}, {out_features, input.size(1), 1, 1}, {1, 1}, {0, 0});
+  // [N, out] with the batch innermost: the same storage as the [N, out, 1, 1] image the product writes.
+  auto out = at::empty_strided({n, out_features}, {1, n}, input.options());
+  auto image = out.as_strided({n, out_features, 1, 1}, {1, n, n, n});
+  sparse_conv2d_into(input.unsqueeze(2).unsqueeze(3), values, row_ptr, row_taps, bias, g, image);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(graspext, CPU, m) {
+  m.impl("sparse_conv2d", &sparse_conv2d_cpu);
+  m.impl("sparse_linear", &sparse_linear_cpu);
+  m.impl("sparse_conv2d_backward_input", &sparse_conv2d_backward_input_cpu);
+  m.impl("sparse_conv2d_backward_weight", &sparse_conv2d_backward_weight_cpu);
+}
+
+// The instruction set the CPU kernels use: returns the active one; a non-empty `isa` ("avx512", "avx2",
+// "baseline") selects it first, so that tests and benchmarks can run every code path on one machine.
+TORCH_LIBRARY_FRAGMENT(graspext, m) { m.def("sparse_cpu_isa(str isa=\"\") -> str", &sparse_cpu_isa); }
+
+}  // namespace graspext::ops

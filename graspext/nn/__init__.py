@@ -1,0 +1,26 @@
+"""Sparse layers that compute only their kept weights, and the conversion of whole models."""
+
+from graspext.nn.convert import (
+    BREAK_EVEN_DENSITY,
+    LayerChoice,
+    densify,
+    format_sparsity_report,
+    sparsify,
+    sparsity_report,
+)
+from graspext.nn.layout import is_batch_innermost
+from graspext.nn.modules import SparseConv2d, SparseLinear
+from graspext.nn.pattern import SparsePattern
+
+__all__ = [
+    "SparseConv2d",
+    "SparseLinear",
+    "SparsePattern",
+    "sparsify",
+    "densify",
+    "sparsity_report",
+    "format_sparsity_report",
+    "LayerChoice",
+    "BREAK_EVEN_DENSITY",
+    "is_batch_innermost",
+]

@@ -1,0 +1,210 @@
+"""``sparsify`` swaps pruned Conv2d/Linear layers for sparse ones; ``densify`` swaps them back.
+
+Per layer, sparse or dense is chosen by a cost model (``policy="auto"``: the sparse kernels win below a
+break-even density), by timing both on the layer's real input shape (``policy="measure"``), or forced.
+Every choice is recorded on the layer (``layer.decision``) and listed by :func:`sparsity_report`.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from graspext.nn.layout import from_layout_module, to_layout_module
+from graspext.nn.modules import SparseConv2d, SparseLinear
+
+POLICIES = ("auto", "sparse", "dense", "measure")
+
+# Densities below which the sparse kernels beat dense oneDNN/MKL for a forward+backward pass, measured per
+# layer on VGG19/ResNet32-CIFAR shapes at batch 128 on a 2-core AVX-512 CPU (benchmarks/RESULTS.md).
+BREAK_EVEN_DENSITY = {"conv": 0.25, "linear": 0.3}
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """One converted layer in :func:`sparsity_report`."""
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    density: float
+    mode: str
+    decision: str
+
+
+def _named_target(model: nn.Module, param_name: str) -> tuple[str, nn.Module]:
+    module_name, _, leaf = param_name.rpartition(".")
+    if leaf != "weight":
+        raise KeyError(f"masks key {param_name!r} does not name a layer weight ('<layer>.weight')")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise KeyError(f"masks key {param_name!r}: the model has no module {module_name!r}") from None
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"masks key {param_name!r} names a {type(module).__name__}; only Conv2d and Linear layers "
+                        "can be sparsified")
+    return module_name, module
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+def _median_ms(fn: Callable[[], None], repeats: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _time_modes(layer: nn.Module, input_shape: torch.Size) -> tuple[float, float]:
+    """Median forward+backward milliseconds of ``layer`` in sparse and in dense mode."""
+    x = torch.randn(input_shape, dtype=layer.values.dtype, device=layer.values.device, requires_grad=True)
+    results = {}
+    saved = layer.mode
+    for mode in ("sparse", "dense"):
+        layer.mode = mode
+
+        def step():
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            layer(x).sum().backward()
+
+        results[mode] = _median_ms(step)
+    layer.mode = saved
+    layer.zero_grad(set_to_none=True)
+    return results["sparse"], results["dense"]
+
+
+def _layer_inputs(model: nn.Module, names: list[str], example_input) -> dict[str, torch.Size]:
+    shapes: dict[str, torch.Size] = {}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: shapes.setdefault(n, args[0].shape)) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = False, policy: str = "auto",
+             example_input: Tensor | tuple | None = None, keep_layout: bool = True,
+             filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Replaces every masked Conv2d/Linear with :class:`SparseConv2d`/:class:`SparseLinear`.
+
+    Args:
+        model: any model; it is copied first unless ``inplace=True``.
+        masks: ``graspext.Masks`` or a mapping ``"<layer>.weight" -> bool tensor`` (True = kept).
+        policy: ``"auto"`` (cost model: sparse below ``BREAK_EVEN_DENSITY``), ``"measure"`` (time both modes on
+            each layer's input shape from ``example_input``), ``"sparse"`` or ``"dense"`` (forced).
+        example_input: an input batch for ``policy="measure"``.
+        keep_layout: also swap BatchNorm2d and pooling layers for subclasses that keep the sparse kernels'
+            batch-innermost layout (same computation and state_dict), so layouts are converted once.
+        filter_fn: ``filter_fn(module, name) -> bool`` to leave some masked layers alone.
+
+    Returns the converted model; ``sparsity_report(model)`` lists each layer's density and choice.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if policy == "measure" and example_input is None:
+        raise ValueError("policy='measure' needs example_input, a batch of the shape the model will train on")
+    if not isinstance(masks, Mapping):
+        raise TypeError(f"masks must be graspext.Masks or a mapping of parameter name to bool tensor, "
+                        f"got {type(masks).__name__}")
+    targets: dict[str, tuple[nn.Module, Tensor]] = {}
+    for param_name, mask in masks.items():
+        module_name, module = _named_target(model, param_name)
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"masks[{param_name!r}] must be a bool tensor")
+        if mask.shape != module.weight.shape:
+            raise ValueError(f"masks[{param_name!r}] has shape {tuple(mask.shape)} but the weight has "
+                             f"{tuple(module.weight.shape)}")
+        if filter_fn is None or filter_fn(module, module_name):
+            targets[module_name] = (module, mask)
+
+    shapes = _layer_inputs(model, list(targets), example_input) if policy == "measure" else {}
+    out = model if inplace else copy.deepcopy(model)
+    for name, (_, mask) in targets.items():
+        module = out.get_submodule(name)
+        mask = mask.to(module.weight.device)
+        if isinstance(module, nn.Conv2d):
+            layer, kind = SparseConv2d.from_dense(module, mask), "conv"
+        else:
+            layer, kind = SparseLinear.from_dense(module, mask), "linear"
+        if layer.mode == "sparse":  # not already dense for lack of kernel support
+            _choose_mode(layer, kind, policy, shapes.get(name))
+        _set_submodule(out, name, layer)
+    if keep_layout and targets:
+        for name, module in list(out.named_modules()):
+            converted = to_layout_module(module)
+            if converted is not module:
+                _set_submodule(out, name, converted)
+    return out
+
+
+def _choose_mode(layer: nn.Module, kind: str, policy: str, input_shape: torch.Size | None) -> None:
+    density = layer.density
+    if policy in ("sparse", "dense"):
+        layer.mode, layer.decision = policy, f"{policy} (forced)"
+    elif policy == "auto":
+        limit = BREAK_EVEN_DENSITY[kind]
+        layer.mode = "sparse" if density < limit else "dense"
+        layer.decision = f"{layer.mode} (cost model: density {density:.3f} {'<' if density < limit else '>='} {limit})"
+    elif input_shape is None:
+        layer.mode, layer.decision = "dense", "dense (the example input never reached this layer)"
+    else:
+        sparse_ms, dense_ms = _time_modes(layer, input_shape)
+        layer.mode = "sparse" if sparse_ms < dense_ms else "dense"
+        layer.decision = f"{layer.mode} (measured fwd+bwd: sparse {sparse_ms:.2f} ms, dense {dense_ms:.2f} ms)"
+
+
+def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replaces sparse layers by the equivalent ``nn.Conv2d``/``nn.Linear`` and the layout-keeping modules by
+    their torch classes. The masks are not enforced afterwards: keep them (``graspext.Masks``) to train on."""
+    out = model if inplace else copy.deepcopy(model)
+    for name, module in list(out.named_modules()):
+        if isinstance(module, (SparseConv2d, SparseLinear)):
+            _set_submodule(out, name, module.to_dense())
+        else:
+            plain = from_layout_module(module)
+            if plain is not module:
+                _set_submodule(out, name, plain)
+    return out
+
+
+def sparsity_report(model: nn.Module) -> list[LayerChoice]:
+    """The sparse layers of ``model`` with their density, mode and why that mode was chosen."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, (SparseConv2d, SparseLinear)):
+            kind = "conv" if isinstance(m, SparseConv2d) else "linear"
+            rows.append(LayerChoice(name, kind, m._dense_shape(), m.density, m.mode, m.decision))
+    return rows
+
+
+def format_sparsity_report(model: nn.Module) -> str:
+    rows = sparsity_report(model)
+    if not rows:
+        return "no sparse layers"
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'layer':<{width}}  {'shape':<20} {'density':>8}  decision"]
+    for r in rows:
+        lines.append(f"{r.name:<{width}}  {str(r.weight_shape):<20} {r.density:>8.4f}  {r.decision}")
+    n_sparse = sum(r.mode == "sparse" for r in rows)
+    lines.append(f"{n_sparse} of {len(rows)} layers use the sparse kernels")
+    return "\n".join(lines)

@@ -1,0 +1,278 @@
+"""``SparseConv2d`` and ``SparseLinear``: layers that store and compute only their kept weights.
+
+The trainable parameter is ``values`` (one entry per kept weight), so the optimizer, its momentum and
+weight decay cost O(kept weights). The sparsity pattern lives in index buffers built once
+(:class:`~graspext.nn.pattern.SparsePattern`). Each layer runs in one of two modes:
+
+- ``"sparse"``: the graspext kernels (CPU, float32/float64);
+- ``"dense"``: the dense torch kernel on the weight scattered from ``values`` -- for layers where dense is
+  faster (``graspext.sparsify`` measures or estimates this per layer), and for inputs the kernels do not
+  handle (CUDA until its kernels exist, other dtypes). The result is the same either way.
+
+``state_dict`` holds a dense ``weight`` (zeros at pruned positions) and ``bias``, exactly the keys of
+``nn.Conv2d`` / ``nn.Linear``: a checkpoint loads into the dense model as it is.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from graspext.nn.pattern import SparsePattern
+from graspext.ops.sparse import sparse_conv2d, sparse_linear
+
+MODES = ("sparse", "dense")
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_INDEX_NAMES = ("row_ptr", "row_taps", "col_ptr", "col_taps", "col_order")
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+class _SparseLayer(nn.Module):
+    """What SparseConv2d and SparseLinear share: values, index buffers, mode, state_dict as a dense weight."""
+
+    def _init_sparse(self, pattern: SparsePattern, weight: Tensor, bias: Tensor | None, mode: str) -> None:
+        if weight.shape != torch.Size(self._dense_shape()):
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {self._dense_shape()}")
+        self.values = nn.Parameter(pattern.gather(weight.detach().reshape(pattern.weight_shape)).clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        for name, t in zip(_INDEX_NAMES, pattern.to(weight.device).tensors()):
+            self.register_buffer(name, t, persistent=False)
+        self.mode = mode
+        self.decision = f"{mode} (chosen by the caller)"
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self._mode = mode
+
+    @property
+    def pattern(self) -> SparsePattern:
+        return SparsePattern(self._pattern_shape(), *(getattr(self, n) for n in _INDEX_NAMES))
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        return self.pattern.density
+
+    def mask(self) -> Tensor:
+        """The boolean mask in the dense weight's shape."""
+        return self.pattern.mask().view(self._dense_shape())
+
+    def dense_weight(self) -> Tensor:
+        """The dense weight (zeros at pruned positions), differentiable in ``values``."""
+        return self.pattern.scatter(self.values).view(self._dense_shape())
+
+    def _use_kernels(self, x: Tensor) -> bool:
+        if self._mode != "sparse":
+            return False
+        if x.device.type != "cpu":
+            _warn_once(f"device-{x.device.type}", f"graspext has no sparse kernels for {x.device.type} tensors yet; "
+                       "sparse layers compute densely there (same results)")
+            return False
+        if x.dtype not in _KERNEL_DTYPES or x.dtype != self.values.dtype:
+            _warn_once(f"dtype-{x.dtype}", f"graspext's sparse kernels take float32/float64 input matching the "
+                       f"weights ({self.values.dtype}), got {x.dtype}; computing densely")
+            return False
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        weight = self.dense_weight()
+        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+        else:
+            weight = state_dict[key]
+            if tuple(weight.shape) != self._dense_shape():
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, "
+                                  f"the sparse layer's weight has shape {self._dense_shape()}")
+            else:
+                weight = weight.to(self.values.device)
+                outside = (weight != 0) & ~self.mask()
+                if bool(outside.any()):
+                    error_msgs.append(
+                        f"{key} has {int(outside.sum())} non-zero weights outside this layer's sparsity pattern; "
+                        "load it into the dense model and sparsify that with its masks instead")
+                else:
+                    with torch.no_grad():
+                        self.values.copy_(self.pattern.gather(weight.reshape(self._pattern_shape())))
+        bias_key = prefix + "bias"
+        if self.bias is not None:
+            if bias_key in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[bias_key])
+            else:
+                missing_keys.append(bias_key)
+        elif bias_key in state_dict:
+            unexpected_keys.append(bias_key)
+        if strict:
+            for k in state_dict:
+                if k.startswith(prefix) and k[len(prefix):] not in ("weight", "bias") and "." not in k[len(prefix):]:
+                    unexpected_keys.append(k)
+
+
+class SparseConv2d(_SparseLayer):
+    """A Conv2d computing only its kept weights. Build it with :meth:`from_dense`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, groups: int,
+                 weight: Tensor, bias: Tensor | None, mask: Tensor, mode: str = "sparse",
+                 padding_mode: str = "zeros"):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.dilation, self.groups, self.padding_mode = tuple(dilation), groups, padding_mode
+        # 'valid', and 'same' when it pads both sides equally, become numbers the kernels take.
+        self._string_padding = None
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            if all(t % 2 == 0 for t in total):
+                padding = tuple(t // 2 for t in total)
+            else:
+                self._string_padding, padding = "same", (0, 0)
+        self.padding = tuple(padding)
+        pattern = SparsePattern.from_mask(mask.reshape(self._pattern_shape()).to(torch.bool))
+        self._init_sparse(pattern, weight, bias, mode)
+        if not self.kernel_supported:
+            self.mode = "dense"
+            self.decision = f"dense (the kernels do not support {self._unsupported_reason()})"
+            _warn_once(f"conv-{self._unsupported_reason()}",
+                       f"sparse Conv2d kernels do not support {self._unsupported_reason()}; such layers compute "
+                       "densely on the masked weight (same results, no speedup)")
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: Tensor | None = None, mode: str = "sparse") -> SparseConv2d:
+        """From an ``nn.Conv2d``; ``mask`` defaults to its non-zero weights."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if mask is None:
+            mask = conv.weight.detach() != 0
+        if tuple(mask.shape) != tuple(conv.weight.shape):
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight has {tuple(conv.weight.shape)}")
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, conv.weight * mask.to(conv.weight.dtype), conv.bias, mask, mode, conv.padding_mode)
+
+    def _dense_shape(self) -> tuple[int, ...]:
+        kh, kw = self.kernel_size
+        return (self.out_channels, self.in_channels // self.groups, kh, kw)
+
+    def _pattern_shape(self) -> tuple[int, int, int, int]:
+        return self._dense_shape()
+
+    def _unsupported_reason(self) -> str | None:
+        if self.groups != 1:
+            return f"groups={self.groups}"
+        if self.dilation != (1, 1):
+            return f"dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            return f"padding_mode={self.padding_mode!r}"
+        if self._string_padding is not None:
+            return f"padding={self._string_padding!r} with an even kernel"
+        return None
+
+    @property
+    def kernel_supported(self) -> bool:
+        return self._unsupported_reason() is None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._use_kernels(x) and self.kernel_supported:
+            return sparse_conv2d(x, self.values, self.pattern, self.bias, self.stride, self.padding)
+        padding = self._string_padding or self.padding
+        if self.padding_mode != "zeros":
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                        self.stride, padding, self.dilation, self.groups)
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent ``nn.Conv2d`` (pruned weights are zeros)."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self._string_padding or self.padding, self.dilation, self.groups, self.bias is not None,
+                         self.padding_mode, device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}, density={self.density:.4f}, "
+                f"mode={self.mode!r}")
+
+
+class SparseLinear(_SparseLayer):
+    """A Linear layer computing only its kept weights. Build it with :meth:`from_dense`."""
+
+    def __init__(self, in_features: int, out_features: int, weight: Tensor, bias: Tensor | None, mask: Tensor,
+                 mode: str = "sparse"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        pattern = SparsePattern.from_mask(mask.reshape(out_features, in_features).to(torch.bool))
+        self._init_sparse(pattern, weight, bias, mode)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: Tensor | None = None, mode: str = "sparse") -> SparseLinear:
+        """From an ``nn.Linear``; ``mask`` defaults to its non-zero weights."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if mask is None:
+            mask = linear.weight.detach() != 0
+        if tuple(mask.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight has {tuple(linear.weight.shape)}")
+        return cls(linear.in_features, linear.out_features, linear.weight * mask.to(linear.weight.dtype),
+                   linear.bias, mask, mode)
+
+    def _dense_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def _pattern_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_features, self.in_features, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {self.in_features}")
+        if not self._use_kernels(x):
+            return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        lead = x.shape[:-1]
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        out = sparse_linear(flat, self.values, self.pattern, self.bias)
+        return out if x.dim() == 2 else out.reshape(*lead, self.out_features)
+
+    def to_dense(self) -> nn.Linear:
+        """The equivalent ``nn.Linear`` (pruned weights are zeros)."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.values.device,
+                           dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"density={self.density:.4f}, mode={self.mode!r}")
