@@ -1,10 +1,12 @@
 """One table of side-by-side ratios, measured in one run on this machine.
 
-    python benchmarks/ratios.py [--quick] [--repeats N]
+    python benchmarks/ratios.py [--quick] [--repeats N] [--skip-grasp] [--sparse]
 
 Selection: median seconds of graspext.ops.global_kth_value vs torch.kthvalue(torch.cat(...)).
 GraSP scoring: median seconds (in-process, repeated) and peak memory added by the call (fresh process per
 measurement; see workloads.py), official loop vs each engine, with the masks compared to the official ones.
+Sparse training (--sparse; see sparse_workloads.py): median forward+backward milliseconds per layer, dense
+torch against graspext's sparse kernels (and torch.sparse CSR for Linear), and the end-to-end train step.
 """
 
 from __future__ import annotations
@@ -83,13 +85,54 @@ def grasp_table(repeats):
     return rows
 
 
+def sparse_tables(repeats: int, quick: bool) -> None:
+    from sparse_workloads import MODELS, SPARSITIES, ConvCase, LinearCase, StepCase, conv_layers
+
+    sparsities = SPARSITIES[1:3] if quick else SPARSITIES
+    ms = lambda fn: 1e3 * median_seconds(fn, repeats)  # noqa: E731
+    header = " | ".join(f"{s:.0%}" for s in sparsities)
+    print(f"\n| layer fwd+bwd, batch 128 | dense ms | sparse ms (speedup) at {header} |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in sparsities) + " |")
+    for model_name in MODELS:
+        for key in conv_layers(model_name):
+            cells, dense_ms = [], None
+            for sparsity in sparsities:
+                case = ConvCase(model_name, key, sparsity)
+                if dense_ms is None:
+                    dense_ms = ms(case.dense)
+                sparse_ms = ms(case.sparse)
+                cells.append(f"{sparse_ms:.1f} ({dense_ms / sparse_ms:.1f}x)")
+            print(f"| {model_name} {key} | {dense_ms:.1f} | " + " | ".join(cells) + " |", flush=True)
+    print("\n| Linear 4096x4096, batch 256, fwd+bwd | dense ms | torch CSR ms | graspext ms | vs dense | vs CSR |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for sparsity in sparsities:
+        case = LinearCase(sparsity)
+        dense_ms, csr_ms, sparse_ms = ms(case.dense), ms(case.torch_csr), ms(case.sparse)
+        print(f"| {sparsity:.0%} | {dense_ms:.1f} | {csr_ms:.1f} | {sparse_ms:.1f} | {dense_ms / sparse_ms:.1f}x | "
+              f"{csr_ms / sparse_ms:.1f}x |", flush=True)
+    print("\n| train step, batch 128 (GraSP masks) | dense ms | " + " | ".join(
+        f"sparse {s:.0%} ms (speedup)" for s in sparsities[:3]) + " |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in sparsities[:3]) + " |")
+    for model_name in MODELS:
+        dense_ms = ms(StepCase(model_name, None).step)
+        cells = []
+        for sparsity in ((0.90, 0.95, 0.98) if not quick else sparsities):
+            sparse_ms = ms(StepCase(model_name, sparsity).step)
+            cells.append(f"{sparse_ms:.0f} ({dense_ms / sparse_ms:.2f}x)")
+        print(f"| {model_name} | {dense_ms:.0f} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-grasp", action="store_true")
+    parser.add_argument("--sparse", action="store_true", help="only the sparse-training tables")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
+    if args.sparse:
+        sparse_tables(args.repeats, args.quick)
+        return
     sizes = [2_000_000] if args.quick else [20_035_200, 138_357_544]
     print("| global k-th value (k = 98 %) | torch.kthvalue(cat) s | graspext s | speedup |")
     print("| --- | ---: | ---: | ---: |")

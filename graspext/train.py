@@ -25,12 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from graspext._io import atomic_write, csv_text, write_text
+from graspext.allocator import keep_freed_memory
 from graspext.masks import Masks
+from graspext.nn.convert import densify, format_sparsity_report, sparsify
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 SUMMARY = "summary.json"
+SPARSITY_REPORT = "sparsity_report.txt"
+KERNELS = ("auto", "sparse", "dense")
 
 
 @dataclass
@@ -48,6 +52,11 @@ class TrainConfig:
     resume: bool = True                               # continue from out_dir's checkpoint if present
     progress: bool = True                             # tqdm bars
     tensorboard: bool = False
+    # With masks: "sparse" trains through graspext.sparsify (only kept weights are computed; per layer sparse or
+    # dense by `sparse_policy`), "dense" trains masked dense weights, "auto" is sparse where graspext has sparse
+    # kernels for the device (CPU) and dense elsewhere.
+    kernels: str = "auto"
+    sparse_policy: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -65,6 +74,13 @@ class TrainConfig:
             raise ValueError(f"lr_milestones must be fractions of the run in (0, 1), got {self.lr_milestones}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        from graspext.nn.convert import POLICIES
+
+        if self.sparse_policy not in POLICIES or self.sparse_policy == "measure":
+            allowed = tuple(p for p in POLICIES if p != "measure")
+            raise ValueError(f"sparse_policy must be one of {allowed}, got {self.sparse_policy!r}")
 
 
 @dataclass
@@ -105,6 +121,15 @@ class Trainer:
         self.device = torch.device(device)
         if self.config.amp and self.device.type != "cuda":
             raise ValueError(f"amp=True needs a CUDA device, but training runs on {self.device}")
+        if self.config.kernels == "sparse" and masks is None:
+            raise ValueError("kernels='sparse' needs masks: a dense model has no sparse layers to compute")
+
+    @property
+    def uses_sparse_kernels(self) -> bool:
+        """Whether fit() trains through graspext.sparsify (see TrainConfig.kernels)."""
+        if self.masks is None or self.config.kernels == "dense":
+            return False
+        return self.config.kernels == "sparse" or self.device.type == "cpu"
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_path(self) -> str | None:
@@ -115,7 +140,8 @@ class Trainer:
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "history": history,
                  "best_test_acc": best, "config": asdict(self.config),
-                 "masks": {n: m.cpu() for n, m in self.masks.items()} if self.masks is not None else None}
+                 "masks": {n: m.cpu() for n, m in self.masks.items()} if self.masks is not None else None,
+                 "sparse_kernels": self.uses_sparse_kernels}
         atomic_write(self._checkpoint_path(), lambda f: torch.save(state, f))
 
     def _load(self, optimizer, scheduler, scaler):
@@ -137,6 +163,10 @@ class Trainer:
             raise ValueError(f"checkpoint {path!r} belongs to a run with epochs={state['config']['epochs']}, "
                              f"seed={state['config']['seed']}; this run has epochs={self.config.epochs}, "
                              f"seed={self.config.seed}")
+        if state.get("sparse_kernels", False) != self.uses_sparse_kernels:
+            # The optimizer's momentum is per kept weight on one path and per dense weight on the other.
+            raise ValueError(f"checkpoint {path!r} was trained with kernels="
+                             f"{'sparse' if state.get('sparse_kernels') else 'dense'}; resume it the same way")
         self.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -192,7 +222,31 @@ class Trainer:
         c = self.config
         torch.manual_seed(c.seed)
         self.model.to(self.device)
-        handle = self.masks.apply_(self.model) if self.masks is not None else None
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        sparse = self.uses_sparse_kernels
+        handle = None
+        if sparse:
+            # In place, so the caller's model is the one trained; densified again (in place) however fit ends.
+            sparsify(self.model, self.masks, inplace=True, policy=c.sparse_policy)
+        elif self.masks is not None:
+            handle = self.masks.apply_(self.model)
+        try:
+            history, best = self._fit()
+        finally:
+            if handle is not None:
+                handle.remove()
+            if sparse:
+                densify(self.model, inplace=True)
+        result = TrainResult(best_test_acc=best, final_test_acc=history[-1]["test_acc"], history=history)
+        if c.out_dir:
+            write_text(os.path.join(c.out_dir, SUMMARY), json.dumps(
+                {"best_test_acc": result.best_test_acc, "final_test_acc": result.final_test_acc,
+                 "epochs": c.epochs, "sparse_kernels": sparse, "config": asdict(c)}, indent=2))
+        return result
+
+    def _fit(self):
+        c = self.config
         optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
                                     weight_decay=c.weight_decay)
         milestones = sorted({max(1, int(round(f * c.epochs))) for f in c.lr_milestones})
@@ -205,6 +259,8 @@ class Trainer:
                 start_epoch, history, best = self._load(optimizer, scheduler, scaler)
             elif os.path.exists(os.path.join(c.out_dir, SUMMARY)):
                 os.unlink(os.path.join(c.out_dir, SUMMARY))  # a fresh run must not look finished early
+            if self.uses_sparse_kernels:
+                write_text(os.path.join(c.out_dir, SPARSITY_REPORT), format_sparsity_report(self.model) + "\n")
         writer = None
         if c.tensorboard and c.out_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -229,16 +285,9 @@ class Trainer:
                     self._save(epoch, optimizer, scheduler, scaler, history, best)
                     self._write_results(history)
         finally:
-            if handle is not None:
-                handle.remove()
             if writer is not None:
                 writer.close()
-        result = TrainResult(best_test_acc=best, final_test_acc=history[-1]["test_acc"], history=history)
-        if c.out_dir:
-            write_text(os.path.join(c.out_dir, SUMMARY), json.dumps(
-                {"best_test_acc": result.best_test_acc, "final_test_acc": result.final_test_acc,
-                 "epochs": c.epochs, "config": asdict(c)}, indent=2))
-        return result
+        return history, best
 
 
 def train(model: nn.Module, train_loader, test_loader, *, masks: Masks | None = None, **config: Any) -> TrainResult:

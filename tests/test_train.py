@@ -114,3 +114,40 @@ def test_tensorboard_logging(tmp_path):
     events.Reload()
     assert "test_acc" in events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("test_acc")] == [1, 2]
+
+
+def test_sparse_kernels_train_like_masked_dense_weights(tmp_path):
+    """kernels='sparse' (only kept weights computed) and kernels='dense' (masked) follow the same run."""
+    runs = {}
+    for kernels in ("sparse", "dense"):
+        model, masks = _model_and_masks()
+        out = tmp_path / kernels
+        result = gx.train(model, *_loaders(), masks=masks, out_dir=str(out), kernels=kernels,
+                          sparse_policy="sparse", **{**CFG, "epochs": 2})
+        runs[kernels] = (model, result)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["sparse_kernels"] == (kernels == "sparse")
+        assert (out / "sparsity_report.txt").exists() == (kernels == "sparse")
+        # Either way the caller gets back a plain model whose pruned weights are zero.
+        assert not any(isinstance(m, (gx.nn.SparseConv2d, gx.nn.SparseLinear)) for m in model.modules())
+        for name, mask in masks.items():
+            assert not model.get_parameter(name)[~mask].any()
+    sparse_hist, dense_hist = runs["sparse"][1].history, runs["dense"][1].history
+    for a, b in zip(sparse_hist, dense_hist):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    for (name, p), (_, q) in zip(runs["sparse"][0].named_parameters(), runs["dense"][0].named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_kernels_option_errors(tmp_path):
+    model, masks = _model_and_masks()
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        gx.TrainConfig(kernels="fast")
+    with pytest.raises(ValueError, match="sparse_policy must be one of"):
+        gx.TrainConfig(sparse_policy="measure")
+    with pytest.raises(ValueError, match="kernels='sparse' needs masks"):
+        gx.Trainer(model, *_loaders(), gx.TrainConfig(kernels="sparse"))
+    out = str(tmp_path / "run")
+    gx.train(model, *_loaders(), masks=masks, out_dir=out, kernels="sparse", **{**CFG, "epochs": 1})
+    with pytest.raises(ValueError, match="trained with kernels=sparse; resume it the same way"):
+        gx.train(model, *_loaders(), masks=masks, out_dir=out, kernels="dense", **{**CFG, "epochs": 1})

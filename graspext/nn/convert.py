@@ -88,8 +88,13 @@ def _time_modes(layer: nn.Module, input_shape: torch.Size) -> tuple[float, float
 
 def _layer_inputs(model: nn.Module, names: list[str], example_input) -> dict[str, torch.Size]:
     shapes: dict[str, torch.Size] = {}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: shapes.setdefault(n, args[0].shape)) for n in names]
+
+    def record(name):
+        def hook(_module, args):
+            shapes.setdefault(name, args[0].shape)  # returns None: the arguments stay as they are
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
     was_training = model.training
     try:
         model.eval()

@@ -1,0 +1,151 @@
+"""Workloads of the sparse-training benchmarks (per layer and end to end), shared by the pytest-benchmark
+suites and ``ratios.py --sparse``.
+
+Masks are GraSP's, scored on 100 random CIFAR-shaped images (10 per class) with the finite-difference
+engine: per layer (``scope="layerwise"``, every layer exactly at the sparsity, with GraSP's uneven rows and
+channels) for the layer benchmarks, global for the end-to-end steps (GraSP's uneven layer densities).
+Both sides run with graspext.allocator.keep_freed_memory() in force, so neither pays the OS for
+page-faulting fresh activations on every call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import graspext as gx
+from graspext.allocator import keep_freed_memory
+from graspext.nn.pattern import SparsePattern
+
+keep_freed_memory()
+
+SPARSITIES = (0.90, 0.95, 0.98, 0.99)
+MODELS = ("vgg19_bn", "resnet32_grasp")  # the paper's VGG19 and 2x-wide ResNet32 on CIFAR
+BATCH = 128
+
+
+def _scoring_data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(10).repeat_interleave(10)
+    return torch.randn(len(y), 3, 32, 32, generator=g), y
+
+
+@functools.lru_cache(maxsize=None)
+def model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return gx.models.create(name, num_classes=10)
+
+
+@functools.lru_cache(maxsize=None)
+def grasp_masks(name: str, sparsity: float, scope: str = "global") -> gx.Masks:
+    return gx.prune(model(name), "grasp", sparsity, _scoring_data(), engine="finite_difference", scope=scope)
+
+
+@functools.lru_cache(maxsize=None)
+def conv_layers(name: str) -> dict[str, tuple]:
+    """Distinct Conv2d configurations of a model at CIFAR input, batch BATCH: key -> (layer name, input shape)."""
+    net = model(name)
+    found: dict[str, tuple] = {}
+    hooks = []
+    for layer_name, m in net.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            def hook(mod, args, layer_name=layer_name):
+                x = args[0]
+                key = (f"{mod.in_channels}->{mod.out_channels} k{mod.kernel_size[0]} s{mod.stride[0]} "
+                       f"{x.shape[2]}x{x.shape[3]}")
+                found.setdefault(key, (layer_name, (BATCH, *x.shape[1:])))
+            hooks.append(m.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        net.eval()(torch.zeros(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    return found
+
+
+class ConvCase:
+    """One layer at one sparsity: a dense and a sparse forward+backward on the same data."""
+
+    def __init__(self, model_name: str, key: str, sparsity: float):
+        layer_name, input_shape = conv_layers(model_name)[key]
+        conv = model(model_name).get_submodule(layer_name)
+        mask = grasp_masks(model_name, sparsity, "layerwise")[layer_name + ".weight"]
+        g = torch.Generator().manual_seed(1)
+        self.needs_input_grad = input_shape[1] != 3  # the first layer's input is data
+        self.x = torch.randn(input_shape, generator=g).requires_grad_(self.needs_input_grad)
+        self.weight = (conv.weight.detach() * mask).requires_grad_()
+        self.stride, self.padding = conv.stride, conv.padding
+        self.pattern = SparsePattern.from_mask(mask)
+        self.values = self.pattern.gather(self.weight.detach()).requires_grad_()
+        out = F.conv2d(self.x.detach(), self.weight.detach(), None, self.stride, self.padding)
+        self.grad = torch.randn(out.shape, generator=g)
+        # The sparse layers hand each other batch-innermost tensors; so do their gradients.
+        self.x_sparse = self.x.detach().permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        self.x_sparse.requires_grad_(self.needs_input_grad)
+        self.grad_sparse = self.grad.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        self.density = self.pattern.density
+
+    def dense(self) -> None:
+        F.conv2d(self.x, self.weight, None, self.stride, self.padding).backward(self.grad)
+
+    def sparse(self) -> None:
+        gx.ops.sparse_conv2d(self.x_sparse, self.values, self.pattern, None, self.stride,
+                             self.padding).backward(self.grad_sparse)
+
+
+class LinearCase:
+    """Linear 4096x4096 at batch 256: dense F.linear, graspext, and torch.sparse CSR (MKL)."""
+
+    def __init__(self, sparsity: float, n: int = 256, features: int = 4096):
+        g = torch.Generator().manual_seed(2)
+        scores = torch.randn(features, features, generator=g).abs() * torch.rand(features, 1, generator=g)
+        keep = int(round(features * features * (1 - sparsity)))
+        mask = torch.zeros(features * features, dtype=torch.bool)
+        mask[scores.flatten().topk(keep).indices] = True  # rows of uneven density, as pruning leaves them
+        mask = mask.view(features, features)
+        self.weight = (torch.randn(features, features, generator=g) * 0.01 * mask).requires_grad_()
+        self.x = torch.randn(n, features, generator=g).requires_grad_()
+        self.grad = torch.randn(n, features, generator=g)
+        self.pattern = SparsePattern.from_mask(mask)
+        self.values = self.pattern.gather(self.weight.detach()).requires_grad_()
+        self.x_sparse = self.x.detach().t().contiguous().t().requires_grad_()
+        self.grad_sparse = self.grad.t().contiguous().t()
+        w = self.weight.detach()
+        self.csr = w.to_sparse_csr()
+        self.csr_t = w.t().contiguous().to_sparse_csr()
+        self.density = self.pattern.density
+
+    def dense(self) -> None:
+        F.linear(self.x, self.weight).backward(self.grad)
+
+    def sparse(self) -> None:
+        gx.ops.sparse_linear(self.x_sparse, self.values, self.pattern).backward(self.grad_sparse)
+
+    def torch_csr(self) -> None:
+        """Forward, input gradient and weight gradient at the kept positions, with torch.sparse CSR ops."""
+        x = self.x.detach()
+        torch.sparse.mm(self.csr, x.t())                              # Y^T = W X^T
+        torch.sparse.mm(self.csr_t, self.grad.t())                    # dX^T = W^T dY^T
+        torch.sparse.sampled_addmm(self.csr, self.grad.t(), x, beta=0.0)  # dW at kept positions
+
+
+class StepCase:
+    """One training step (forward, backward, SGD with momentum) of a model at CIFAR shapes, batch BATCH."""
+
+    def __init__(self, model_name: str, sparsity: float | None):
+        import copy
+
+        net = copy.deepcopy(model(model_name)).train()
+        if sparsity is not None:
+            net = gx.sparsify(net, grasp_masks(model_name, sparsity))
+        self.model = net
+        self.opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        g = torch.Generator().manual_seed(3)
+        self.x = torch.randn(BATCH, 3, 32, 32, generator=g)
+        self.y = torch.randint(0, 10, (BATCH,), generator=g)
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()

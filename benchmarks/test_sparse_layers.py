@@ -1,0 +1,28 @@
+"""Per-layer forward+backward: graspext's sparse kernels against dense torch (oneDNN/MKL), and for Linear
+against torch.sparse CSR; every distinct conv of VGG19- and ResNet32-CIFAR at batch 128.
+
+Run: python -m pytest benchmarks/test_sparse_layers.py --benchmark-group-by=group
+"""
+
+import pytest
+
+from sparse_workloads import MODELS, SPARSITIES, ConvCase, LinearCase, conv_layers
+
+CONVS = [(m, key) for m in MODELS for key in conv_layers(m)]
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("model_name,key", CONVS, ids=[f"{m}:{k}" for m, k in CONVS])
+@pytest.mark.parametrize("impl", ["dense", "sparse"])
+def test_conv_layer(benchmark, model_name, key, sparsity, impl):
+    case = ConvCase(model_name, key, sparsity)
+    benchmark.group = f"conv {key} at {sparsity:.0%}"
+    benchmark.pedantic(getattr(case, impl), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("impl", ["dense", "sparse", "torch_csr"])
+def test_linear_4096(benchmark, sparsity, impl):
+    case = LinearCase(sparsity)
+    benchmark.group = f"linear 4096x4096 batch 256 at {sparsity:.0%}"
+    benchmark.pedantic(getattr(case, impl), rounds=5, warmup_rounds=1)

@@ -1,0 +1,170 @@
+"""sparsify / densify on whole models: same function, per-layer choices, layouts, training."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graspext as gx
+from graspext.nn import SparseConv2d, SparseLinear, format_sparsity_report, sparsity_report
+from graspext.nn.layout import BatchNorm2d, MaxPool2d
+from tests.conftest import SmallResNet, SmallVGG
+
+
+def _pruned(model_cls, sparsity=0.8, seed=0):
+    torch.manual_seed(seed)
+    model = model_cls().double()
+    masks = gx.prune(model, "random", sparsity)
+    masks.apply_(model).remove()  # zero the pruned weights of the dense reference
+    return model, masks
+
+
+@pytest.mark.parametrize("model_cls", [SmallVGG, SmallResNet])
+@pytest.mark.parametrize("policy", ["sparse", "auto"])
+def test_sparsified_model_computes_the_same(model_cls, policy):
+    model, masks = _pruned(model_cls)
+    sparse = gx.sparsify(model, masks, policy=policy)
+    assert not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in model.modules()), "model was modified"
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    for m in (model, sparse):
+        m.train()
+    y, ys = model(x), sparse(x)
+    torch.testing.assert_close(ys, y)
+    y.sum().backward()
+    ys.sum().backward()
+    for name, module in sparse.named_modules():
+        if isinstance(module, (SparseConv2d, SparseLinear)):
+            dense = model.get_submodule(name)
+            torch.testing.assert_close(module.values.grad, dense.weight.grad[masks[name + ".weight"]])
+    # BatchNorm running statistics follow the same updates.
+    for name, bn in model.named_modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            torch.testing.assert_close(sparse.get_submodule(name).running_mean, bn.running_mean)
+            torch.testing.assert_close(sparse.get_submodule(name).running_var, bn.running_var)
+
+
+def test_layout_converted_once_between_sparse_layers():
+    model, masks = _pruned(SmallVGG)
+    sparse = gx.sparsify(model, masks, policy="sparse")
+    assert any(type(m) is BatchNorm2d for m in sparse.modules())
+    assert any(type(m) is MaxPool2d for m in sparse.modules())
+    seen = []
+    for m in sparse.modules():
+        if isinstance(m, (SparseConv2d, nn.BatchNorm2d, nn.MaxPool2d)):
+            m.register_forward_hook(lambda _m, _i, out: seen.append(gx.nn.is_batch_innermost(out)))
+    sparse(torch.randn(4, 3, 8, 8, dtype=torch.float64))
+    assert all(seen) and len(seen) > 5
+
+
+def test_parameters_scale_with_kept_weights():
+    model, masks = _pruned(SmallVGG, sparsity=0.9)
+    sparse = gx.sparsify(model, masks, policy="sparse")
+    n_dense = sum(p.numel() for p in model.parameters())
+    n_sparse = sum(p.numel() for p in sparse.parameters())
+    assert n_dense - n_sparse == masks.num_total() - masks.num_kept()
+
+
+def test_state_dict_round_trips_through_dense_and_sparse():
+    model, masks = _pruned(SmallResNet)
+    sparse = gx.sparsify(model, masks)
+    state = sparse.state_dict()
+    assert set(state) == set(model.state_dict())
+    dense = SmallResNet().double()
+    dense.load_state_dict(state)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    dense.eval(), sparse.eval()
+    torch.testing.assert_close(dense(x), sparse(x))
+    again = gx.sparsify(SmallResNet().double(), masks)
+    again.load_state_dict(state)
+    again.eval()
+    torch.testing.assert_close(again(x), sparse(x))
+
+
+def test_densify_restores_plain_modules():
+    model, masks = _pruned(SmallVGG)
+    sparse = gx.sparsify(model, masks)
+    back = gx.densify(sparse)
+    assert not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in back.modules())
+    assert all(type(m) in (nn.BatchNorm2d,) for m in back.modules() if isinstance(m, nn.BatchNorm2d))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model.eval(), back.eval()
+    torch.testing.assert_close(back(x), model(x))
+    assert any(isinstance(m, SparseConv2d) for m in sparse.modules()), "densify copied by default"
+    gx.densify(sparse, inplace=True)
+    assert not any(isinstance(m, SparseConv2d) for m in sparse.modules())
+
+
+def test_inplace_and_filter_fn():
+    model, masks = _pruned(SmallVGG)
+    out = gx.sparsify(model, masks, inplace=True, filter_fn=lambda m, name: isinstance(m, nn.Conv2d))
+    assert out is model
+    assert isinstance(model.classifier, nn.Linear) and not isinstance(model.classifier, SparseLinear)
+    assert isinstance(model.features[0], SparseConv2d)
+
+
+def test_policies_and_report():
+    model, masks = _pruned(SmallVGG, sparsity=0.5)
+    auto = gx.sparsify(model, masks, policy="auto")
+    rows = sparsity_report(auto)
+    assert len(rows) == len(masks)
+    assert all("cost model" in r.decision for r in rows)
+    assert all(r.mode == ("sparse" if r.density < gx.nn.BREAK_EVEN_DENSITY[r.kind] else "dense") for r in rows)
+    measured = gx.sparsify(model.float(), masks, policy="measure", example_input=torch.randn(4, 3, 8, 8))
+    assert all("measured" in r.decision for r in sparsity_report(measured))
+    assert "layers use the sparse kernels" in format_sparsity_report(measured)
+    dense = gx.sparsify(model, masks, policy="dense")
+    assert all(r.mode == "dense" for r in sparsity_report(dense))
+
+
+def test_torchvision_model():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).double()
+    masks = gx.prune(model, "magnitude", 0.9)
+    masks.apply_(model).remove()
+    sparse = gx.sparsify(model, masks, policy="sparse")
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    model.eval(), sparse.eval()
+    torch.testing.assert_close(sparse(x), model(x))
+
+
+def test_bad_input():
+    model, masks = _pruned(SmallVGG)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        gx.sparsify(model, masks, policy="fastest")
+    with pytest.raises(ValueError, match="needs example_input"):
+        gx.sparsify(model, masks, policy="measure")
+    with pytest.raises(KeyError, match="has no module"):
+        gx.sparsify(model, {"nope.weight": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(KeyError, match="does not name a layer weight"):
+        gx.sparsify(model, {"features.0.bias": torch.ones(8, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="only Conv2d and Linear"):
+        gx.sparsify(model, {"features.1.weight": torch.ones(8, dtype=torch.bool)})
+    bad = dict(masks)
+    bad["features.0.weight"] = bad["features.0.weight"][:, :2]
+    with pytest.raises(ValueError, match="has shape"):
+        gx.sparsify(model, bad)
+
+
+def test_short_training_matches_dense_masked_run():
+    """Loss curves of sparse kernels and of the masked dense model agree to float tolerance."""
+    model, masks = _pruned(SmallVGG, sparsity=0.9, seed=3)
+    sparse = gx.sparsify(model, masks, policy="sparse")
+    handle = masks.apply_(model)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g))
+    data = [batch] * 8  # one batch again and again: the loss must fall
+    curves = []
+    for m in (model, sparse):
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        losses = []
+        for x, y in data:
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    handle.remove()
+    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-9, atol=1e-9)
+    assert curves[0][-1] < curves[0][0]

@@ -1,0 +1,133 @@
+"""SparseConv2d / SparseLinear: same results as the masked dense layers, O(nnz) parameters, state_dict."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graspext.nn import SparseConv2d, SparseLinear
+
+
+def _masked_conv(seed=0, density=0.3, **kwargs):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(6, 8, 3, **{"padding": 1, **kwargs}).double()
+    mask = torch.rand_like(conv.weight) < density
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    return conv, mask
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+@pytest.mark.parametrize("kwargs", [{}, {"stride": 2, "bias": False}, {"padding": "same"}, {"padding": "valid"}])
+def test_conv_matches_masked_dense(mode, kwargs):
+    conv, mask = _masked_conv(**kwargs)
+    layer = SparseConv2d.from_dense(conv, mask, mode=mode)
+    x = torch.randn(5, 6, 9, 9, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = layer(x), conv(xr)
+    torch.testing.assert_close(y, yr)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(layer.values.grad, conv.weight.grad[mask])
+    assert layer.values.numel() == int(mask.sum())
+    assert [n for n, _ in layer.named_parameters()] == ["values"] + (["bias"] if conv.bias is not None else [])
+
+
+@pytest.mark.parametrize("config", [{"groups": 2}, {"dilation": 2}, {"padding_mode": "reflect"}])
+def test_unsupported_conv_falls_back_to_dense_with_a_warning(config):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=2 if "dilation" in config else 1, **config).double()
+    mask = torch.rand_like(conv.weight) < 0.5
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    from graspext.nn import modules
+
+    modules._warned.clear()
+    with pytest.warns(UserWarning, match="do not support"):
+        layer = SparseConv2d.from_dense(conv, mask)
+    assert layer.mode == "dense" and "do not support" in layer.decision
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x))
+
+
+def test_linear_matches_masked_dense_with_leading_dims():
+    torch.manual_seed(1)
+    linear = nn.Linear(10, 7).double()
+    mask = torch.rand_like(linear.weight) < 0.4
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    layer = SparseLinear.from_dense(linear, mask)
+    for shape in [(4, 10), (2, 3, 10), (1, 10)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), linear(x))
+    with pytest.raises(ValueError, match="features in its last dimension"):
+        layer(torch.randn(4, 9, dtype=torch.float64))
+
+
+def test_mask_shape_mismatch_is_an_error():
+    conv, mask = _masked_conv()
+    with pytest.raises(ValueError, match="mask has shape"):
+        SparseConv2d.from_dense(conv, mask[:, :3])
+    with pytest.raises(TypeError, match="must be an nn.Conv2d"):
+        SparseConv2d.from_dense(nn.Linear(3, 4))
+
+
+def test_state_dict_is_that_of_the_dense_layer():
+    conv, mask = _masked_conv()
+    layer = SparseConv2d.from_dense(conv, mask)
+    state = layer.state_dict()
+    assert set(state) == set(conv.state_dict()) == {"weight", "bias"}
+    torch.testing.assert_close(state["weight"], conv.weight.detach())
+    dense = nn.Conv2d(6, 8, 3, padding=1).double()
+    dense.load_state_dict(state)  # a sparse checkpoint loads into the dense model as it is
+    torch.testing.assert_close(dense.weight, conv.weight)
+
+    other = SparseConv2d.from_dense(conv, mask)
+    with torch.no_grad():
+        other.values.zero_()
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.values, layer.values)
+
+
+def test_loading_weights_outside_the_pattern_is_an_error():
+    conv, mask = _masked_conv()
+    layer = SparseConv2d.from_dense(conv, mask)
+    state = {"weight": torch.ones_like(conv.weight), "bias": conv.bias.detach()}
+    with pytest.raises(RuntimeError, match="outside this layer's sparsity pattern"):
+        layer.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        layer.load_state_dict({"bias": conv.bias.detach()})
+
+
+def test_to_dense_round_trip():
+    conv, mask = _masked_conv(stride=2)
+    back = SparseConv2d.from_dense(conv, mask).to_dense()
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(back(x), conv(x))
+    assert (back.stride, back.padding) == (conv.stride, conv.padding)
+
+
+def test_non_kernel_dtypes_compute_densely():
+    conv, mask = _masked_conv()
+    layer = SparseConv2d.from_dense(conv.float(), mask)
+    x = torch.randn(2, 6, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x.bfloat16())
+    torch.testing.assert_close(y.float(), F.conv2d(x, conv.weight * mask, conv.bias, 1, 1), rtol=0.05, atol=0.05)
+
+
+def test_pruned_weights_stay_zero_under_sgd_and_adamw():
+    conv, mask = _masked_conv()
+    layer = SparseConv2d.from_dense(conv, mask)
+    for opt in (torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4),
+                torch.optim.AdamW(layer.parameters(), lr=0.01)):
+        for _ in range(3):
+            opt.zero_grad()
+            layer(torch.randn(2, 6, 5, 5, dtype=torch.float64)).sum().backward()
+            opt.step()
+        assert not layer.state_dict()["weight"][~mask].any()
