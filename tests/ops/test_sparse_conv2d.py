@@ -83,6 +83,10 @@ CASES = [
     (8, 4, 6, 12, 10, (3, 1), (1, 2), (1, 0), 0.5),  # rectangular kernel, per-axis stride/padding
     (3, 2, 3, 5, 5, 3, 3, 0, 0.7),         # stride larger than the overlap
     (2, 3, 4, 4, 4, 3, 1, 2, 0.5),         # padding larger than needed
+    # Batches that fill whole register tiles, on images wide enough for interior tiles (no bounds tests):
+    (64, 4, 5, 12, 12, 3, 1, 1, 0.5),
+    (64, 4, 5, 13, 13, 3, 2, 1, 0.5),
+    (128, 6, 4, 7, 9, 1, 1, 0, 0.5),       # 1x1 stride 1: taps used without per-row filtering
 ]
 
 
@@ -93,7 +97,10 @@ def test_conv_matches_dense_float64(isa, case):
     _check_conv(x, weight, b, mask, stride, padding, F64)
 
 
-@pytest.mark.parametrize("case", CASES[:6], ids=[f"case{i}" for i in range(6)])
+F32_CASES = CASES[:6] + CASES[-3:]
+
+
+@pytest.mark.parametrize("case", F32_CASES, ids=[f"case{i}" for i in range(len(F32_CASES))])
 def test_conv_matches_dense_float32(isa, case):
     n, cin, cout, h, w, k, stride, padding, density = case
     x, weight, b, mask = _case(n, cin, cout, h, w, k, density, torch.float32, seed=7)

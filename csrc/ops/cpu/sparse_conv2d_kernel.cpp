@@ -105,6 +105,15 @@ std::vector<int32_t> transposed_map(int64_t kernel, int64_t dst, int64_t src, in
   return map;
 }
 
+// Whether a map sends every destination row to the same source row through the only kernel row (a 1x1
+// kernel at stride 1 without padding): then the kernels skip filtering taps per row.
+bool is_identity(const std::vector<int32_t>& map, int64_t kernel, int64_t dst, int64_t src) {
+  if (kernel != 1 || dst != src) return false;
+  for (int64_t d = 0; d < dst; ++d)
+    if (map[d] != d) return false;
+  return true;
+}
+
 int64_t max_row_nnz(const int64_t* ptr, int64_t rows) {
   int64_t m = 0;
   for (int64_t r = 0; r < rows; ++r) m = std::max(m, ptr[r + 1] - ptr[r]);
@@ -169,10 +178,11 @@ int64_t l2_budget() {
 
 // Shrinks the x block, then the batch chunk, until the source pixels that one block reads across all
 // output rows -- src_channels x kernel_h rows of (x_block * stride + kernel_w - 1) pixels -- fit the budget.
+// The batch chunk is halved no further than `min_chunk` samples.
 template <typename T>
-cpu::GatherBlocking gather_blocking(int64_t src_channels, int64_t kernel_h, int64_t kernel_w, int64_t stride_w,
-                                    int64_t batch, int64_t dst_w, int64_t vector_lanes) {
-  cpu::GatherBlocking b{batch, dst_w};
+cpu::CacheBlocking cache_blocking(int64_t src_channels, int64_t kernel_h, int64_t kernel_w, int64_t stride_w,
+                                  int64_t batch, int64_t dst_w, int64_t min_chunk) {
+  cpu::CacheBlocking b{batch, dst_w};
   const auto bytes = [&] {
     return src_channels * kernel_h * (b.x_block * stride_w + kernel_w - 1) * b.batch_chunk *
            static_cast<int64_t>(sizeof(T));
@@ -180,8 +190,8 @@ cpu::GatherBlocking gather_blocking(int64_t src_channels, int64_t kernel_h, int6
   while (bytes() > l2_budget()) {
     if (b.x_block > 8) {
       b.x_block = (b.x_block + 1) / 2;
-    } else if (b.batch_chunk > 8 * vector_lanes) {
-      b.batch_chunk = (b.batch_chunk / 2 + vector_lanes - 1) / vector_lanes * vector_lanes;
+    } else if (b.batch_chunk / 2 >= min_chunk) {
+      b.batch_chunk /= 2;
     } else {
       break;
     }
@@ -194,8 +204,11 @@ void run_gather(const cpu::GatherConvArgs<T>& args, int64_t src_channels, int64_
   const auto* kernels = active_kernels().load();
   const auto fn = gather_fn<T>(kernels);
   const int64_t lanes = kernels->vector_bytes / static_cast<int64_t>(sizeof(T));
-  const auto blk = gather_blocking<T>(src_channels, args.kernel_h, args.kernel_w, stride_w, args.batch, args.dst_w,
-                                      lanes);
+  // Chunks stay at least 8 vectors wide where the image is (the register tile spans the batch); a 1-wide
+  // image (a linear layer) may go down to 2 vectors, as its tile then has nothing else to span.
+  const int64_t min_chunk = (args.dst_w == 1 ? 2 : 8) * lanes;
+  const auto blk = cache_blocking<T>(src_channels, args.kernel_h, args.kernel_w, stride_w, args.batch, args.dst_w,
+                                     min_chunk);
   const int64_t chunks = (args.batch + blk.batch_chunk - 1) / blk.batch_chunk;
   const int64_t x_blocks = (args.dst_w + blk.x_block - 1) / blk.x_block;
   const int64_t scratch = max_row_nnz(args.row_ptr, args.dst_rows);
@@ -244,10 +257,11 @@ at::Tensor& sparse_conv2d_into(const at::Tensor& input, const at::Tensor& values
                                        taps.r.data(),
                                        taps.s.data(),
                                        v.const_data_ptr<scalar_t>(),
-                                       nullptr,
                                        b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
                                        row_map.data(),
-                                       col_map.data()};
+                                       col_map.data(),
+                                       is_identity(row_map, g.kernel_h, g.out_h, g.in_h),
+                                       g.stride_w};
     run_gather(args, g.in_channels, g.stride_w);
   });
   return out;
@@ -280,7 +294,8 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_output, const
   auto grad_input = empty_batch_innermost(g.batch, g.in_channels, g.in_h, g.in_w, grad_output.options());
   if (grad_input.numel() == 0) return grad_input;
   const auto dy = batch_innermost(grad_output);
-  const auto v = values.contiguous();
+  // The values in the order of the input-channel index, gathered once per call.
+  const auto v = values.index_select(0, col_order);
   const auto row_map = transposed_map(g.kernel_h, g.in_h, g.out_h, g.stride_h, g.pad_h);
   const auto col_map = transposed_map(g.kernel_w, g.in_w, g.out_w, g.stride_w, g.pad_w);
   const auto taps = decode_taps(col_taps, g.kernel_h, g.kernel_w, g.out_h * g.out_w * g.batch);
@@ -300,10 +315,12 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_output, const
                                        taps.r.data(),
                                        taps.s.data(),
                                        v.const_data_ptr<scalar_t>(),
-                                       col_order.const_data_ptr<int32_t>(),
                                        nullptr,
                                        row_map.data(),
-                                       col_map.data()};
+                                       col_map.data(),
+                                       is_identity(row_map, g.kernel_h, g.in_h, g.out_h),
+                                       // The transposed map is affine only at stride 1: x + pad - s.
+                                       g.stride_w == 1 ? 1 : 0};
     // Transposed: each input position reads about kernel_w / stride_w output pixels per kernel row.
     run_gather(args, g.out_channels, 1);
   });
@@ -367,9 +384,14 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, cons
                                       taps.s.data(),
                                       row_map.data(),
                                       col_map.data(),
+                                      is_identity(row_map, g.kernel_h, g.out_h, g.in_h),
+                                      g.stride_w,
                                       grad_values.data_ptr<scalar_t>()};
     const auto fn = sddmm_fn<scalar_t>(kernels);
     const int64_t lanes = kernels->vector_bytes / static_cast<int64_t>(sizeof(scalar_t));
+    // The whole batch per block: every extra chunk is another pass over the per-entry partial sums.
+    const auto blk = cache_blocking<scalar_t>(g.in_channels, g.kernel_h, g.kernel_w, g.stride_w, g.batch, g.out_w,
+                                              g.batch);
     const int64_t parts = static_cast<int64_t>(ranges.size()) - 1;
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       ScratchBuffers<scalar_t> buffers(scratch);
@@ -379,7 +401,7 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, cons
         // One vector of partial sums per entry, aligned to the vector size (64 bytes covers every ISA).
         std::vector<scalar_t> partial(rows_nnz * lanes + 64 / sizeof(scalar_t));
         auto* aligned = reinterpret_cast<scalar_t*>((reinterpret_cast<uintptr_t>(partial.data()) + 63) & ~uintptr_t{63});
-        fn(args, ranges[p], ranges[p + 1], buffers.view(), aligned);
+        fn(args, blk, ranges[p], ranges[p + 1], buffers.view(), aligned);
       }
     });
   });

@@ -13,7 +13,7 @@ namespace graspext::cpu {
 
 // dst[row, y, x, :] = bias[row] + sum over the entries e of CSR row `row` of value(e) * src[c, sy, sx, :],
 // where entry e reads source channel c through kernel tap (r, s) (decoded once per call by the driver),
-// sy = row_map[r * dst_h + y] and
+// value(e) = values[e], sy = row_map[r * dst_h + y] and
 // sx = col_map[s * dst_w + x] (-1: the tap falls outside the source, e.g. in the padding).
 // The forward convolution is this product with src = input; the input gradient is the same product with
 // src = grad_output over the transposed CSR (rows are input channels) and maps that invert the stride.
@@ -29,11 +29,13 @@ struct GatherConvArgs {
   const int64_t* tap_base;     // [nnz]: offset of the entry's source channel, c * src_h * src_w * batch
   const int32_t* tap_r;        // [nnz]: kernel row r of the entry
   const int32_t* tap_s;        // [nnz]: kernel column s of the entry
-  const T* values;             // value(e) = values[value_index ? value_index[e] : e]
-  const int32_t* value_index;  // null, or [nnz]
+  const T* values;             // [nnz], in the order of the entries
   const T* bias;               // null, or [dst_rows]
   const int32_t* row_map;      // [kernel_h, dst_h]
   const int32_t* col_map;      // [kernel_w, dst_w]
+  bool rows_direct;            // kernel_h == 1 and row_map[y] == y: every entry is valid in every row
+  int64_t col_step;            // source columns between consecutive destination columns where the map is
+                               // affine (the stride; 1 for the transposed stride-1 map), or 0 if it is not
 };
 
 // Sampled product for the weight gradient, one dot product per kept weight:
@@ -52,6 +54,8 @@ struct SddmmConvArgs {
   const int32_t* tap_s;     // [nnz]
   const int32_t* row_map;  // [kernel_h, out_h]
   const int32_t* col_map;  // [kernel_w, out_w]
+  bool rows_direct;        // as in GatherConvArgs
+  int64_t col_step;        // as in GatherConvArgs
   T* grad_values;          // [nnz]
 };
 
@@ -64,21 +68,22 @@ struct TapScratch {
   T* weight;        // [max_row_nnz]
 };
 
-// Cache blocking of the gather product: an item is (batch chunk, y, x block, row), row fastest, so that
-// consecutive items read the same source pixels; the driver sizes the blocks so that the pixels one
-// (chunk, y, x block) reads across all rows fit in L2.
-struct GatherBlocking {
+// Cache blocking: the gather kernel's items are (batch chunk, y, x block, row), row fastest, so that
+// consecutive items read the same source pixels, and the SDDMM kernel walks its rows in the same order. The
+// driver sizes the blocks so that the pixels one (chunk, y, x block) reads across all rows fit in L2.
+struct CacheBlocking {
   int64_t batch_chunk;  // samples per item
   int64_t x_block;      // output positions per item
 };
 
 template <typename T>
-using GatherFn = void (*)(const GatherConvArgs<T>&, GatherBlocking, int64_t item_begin, int64_t item_end,
+using GatherFn = void (*)(const GatherConvArgs<T>&, CacheBlocking, int64_t item_begin, int64_t item_end,
                           TapScratch<T>);
 // The SDDMM kernel owns rows [row_begin, row_end); `partial` holds vector_width values per entry of them,
 // aligned to 64 bytes.
 template <typename T>
-using SddmmFn = void (*)(const SddmmConvArgs<T>&, int64_t row_begin, int64_t row_end, TapScratch<T>, T* partial);
+using SddmmFn = void (*)(const SddmmConvArgs<T>&, CacheBlocking, int64_t row_begin, int64_t row_end, TapScratch<T>,
+                         T* partial);
 
 struct SparseConvKernels {
   const char* isa;

@@ -84,11 +84,12 @@ inline void store_block(T* p, int b, BatchTile t, typename Vec<T>::type v) {
 
 // Fills `taps` with the entries of `row` whose kernel row lands inside the source for destination row y,
 // with the offset of their source row. Returns how many. `values` is null for the weight gradient.
+// With `rows_direct` there is nothing to filter: the taps are the decoded arrays themselves, from the
+// row's first entry, and the caller adds y's row offset to the source pointer instead.
 template <typename T>
 inline int64_t collect_row_taps(const int64_t* row_ptr, const int64_t* tap_base, const int32_t* tap_r,
-                                const int32_t* tap_s, const T* values, const int32_t* value_index, int64_t row,
-                                int64_t y, int64_t dst_h, int64_t src_row_stride, const int32_t* row_map,
-                                const TapScratch<T>& taps) {
+                                const int32_t* tap_s, const T* values, int64_t row, int64_t y, int64_t dst_h,
+                                int64_t src_row_stride, const int32_t* row_map, const TapScratch<T>& taps) {
   // Branch-free compaction: whether a tap is in bounds follows no pattern the predictor could learn.
   int64_t n = 0;
   for (int64_t e = row_ptr[row]; e < row_ptr[row + 1]; ++e) {
@@ -96,7 +97,7 @@ inline int64_t collect_row_taps(const int64_t* row_ptr, const int64_t* tap_base,
     taps.offset[n] = tap_base[e] + static_cast<int64_t>(sy) * src_row_stride;
     taps.col[n] = tap_s[e];
     taps.entry[n] = static_cast<int32_t>(e);
-    if (values) taps.weight[n] = values[value_index ? value_index[e] : e];
+    if (values) taps.weight[n] = values[e];
     n += sy >= 0;
   }
   return n;
@@ -104,11 +105,25 @@ inline int64_t collect_row_taps(const int64_t* row_ptr, const int64_t* tap_base,
 
 // ---- Gather product (forward and input gradient) -------------------------------------------------
 
-// One tile of destination row y: positions x0 .. x0 + npos - 1 (npos <= kPos) and one batch tile.
-template <typename T, int kPos, int kVecs, bool kFull>
+// Whether every tap column s reads positions x0 .. x0 + kPos - 1 inside the source at a constant step: then
+// a tile needs one map lookup per tap instead of one per position, and no bounds test.
+inline bool tile_is_interior(const int32_t* col_map, int64_t kernel_w, int64_t dst_w, int64_t x0, int npos,
+                             int kPos, int64_t step) {
+  if (npos != kPos || step == 0) return false;
+  for (int64_t s = 0; s < kernel_w; ++s) {
+    const int32_t first = col_map[s * dst_w + x0];
+    const int32_t last = col_map[s * dst_w + x0 + kPos - 1];
+    if (first < 0 || last < 0 || last - first != (kPos - 1) * step) return false;
+  }
+  return true;
+}
+
+// One tile of destination row y: positions x0 .. x0 + npos - 1 (npos <= kPos) and one batch tile. With
+// kInterior (tile_is_interior), position p reads source column cmap[0] + p * step.
+template <typename T, int kPos, int kVecs, bool kFull, bool kInterior>
 inline void gather_tile(const T* src, int64_t batch, const TapScratch<T>& taps, int64_t ntaps,
-                        const int32_t* col_map, int64_t dst_w, int64_t x0, int npos, BatchTile bt, T bias,
-                        T* dst) {
+                        const int32_t* col_map, int64_t dst_w, int64_t x0, int npos, int64_t step, BatchTile bt,
+                        T bias, T* dst) {
   using V = Vec<T>;
   using v_t = typename V::type;
   v_t acc[kPos][kVecs];
@@ -117,19 +132,32 @@ inline void gather_tile(const T* src, int64_t batch, const TapScratch<T>& taps, 
 #pragma GCC unroll 16
     for (int b = 0; b < kVecs; ++b) acc[p][b] = V::splat(bias);
 
+  const int64_t position_stride = step * batch;
   for (int64_t j = 0; j < ntaps; ++j) {
     const v_t w = V::splat(taps.weight[j]);
     const T* src_row = src + taps.offset[j];
     const int32_t* cmap = col_map + static_cast<int64_t>(taps.col[j]) * dst_w + x0;
+    if constexpr (kInterior) {
+      const T* px0 = src_row + static_cast<int64_t>(cmap[0]) * batch;
 #pragma GCC unroll 16
-    for (int p = 0; p < kPos; ++p) {
-      if (p >= npos) break;
-      const int32_t sx = cmap[p];
-      const T* px = sx >= 0 ? src_row + static_cast<int64_t>(sx) * batch : ZeroBlock<T>::values;
+      for (int p = 0; p < kPos; ++p) {
 #pragma GCC unroll 16
-      for (int b = 0; b < kVecs; ++b) {
-        if (!kFull && b >= bt.nvec) break;
-        acc[p][b] = V::fma(w, load_block<T, kFull>(px, b, bt), acc[p][b]);
+        for (int b = 0; b < kVecs; ++b) {
+          if (!kFull && b >= bt.nvec) break;
+          acc[p][b] = V::fma(w, load_block<T, kFull>(px0 + p * position_stride, b, bt), acc[p][b]);
+        }
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int p = 0; p < kPos; ++p) {
+        if (p >= npos) break;
+        const int32_t sx = cmap[p];
+        const T* px = sx >= 0 ? src_row + static_cast<int64_t>(sx) * batch : ZeroBlock<T>::values;
+#pragma GCC unroll 16
+        for (int b = 0; b < kVecs; ++b) {
+          if (!kFull && b >= bt.nvec) break;
+          acc[p][b] = V::fma(w, load_block<T, kFull>(px, b, bt), acc[p][b]);
+        }
       }
     }
   }
@@ -147,7 +175,7 @@ inline void gather_tile(const T* src, int64_t batch, const TapScratch<T>& taps, 
 }
 
 template <typename T, int kPos, int kVecs>
-void gather_items(const GatherConvArgs<T>& a, GatherBlocking blk, int64_t item_begin, int64_t item_end,
+void gather_items(const GatherConvArgs<T>& a, CacheBlocking blk, int64_t item_begin, int64_t item_end,
                   TapScratch<T> taps) {
   constexpr int64_t kTile = kVecs * Vec<T>::kWidth;
   const int64_t src_row_stride = a.src_w * a.batch;
@@ -160,8 +188,20 @@ void gather_items(const GatherConvArgs<T>& a, GatherBlocking blk, int64_t item_b
     rest /= x_blocks;
     const int64_t y = rest % a.dst_h;
     const int64_t chunk = rest / a.dst_h;
-    const int64_t ntaps = collect_row_taps(a.row_ptr, a.tap_base, a.tap_r, a.tap_s, a.values, a.value_index, row,
-                                           y, a.dst_h, src_row_stride, a.row_map, taps);
+    const T* src = a.src;
+    int64_t ntaps;
+    TapScratch<T> row_taps = taps;
+    if (a.rows_direct) {
+      const int64_t e0 = a.row_ptr[row];
+      ntaps = a.row_ptr[row + 1] - e0;
+      row_taps.offset = const_cast<int64_t*>(a.tap_base + e0);
+      row_taps.col = const_cast<int32_t*>(a.tap_s + e0);
+      row_taps.weight = const_cast<T*>(a.values + e0);
+      src += y * src_row_stride;
+    } else {
+      ntaps = collect_row_taps(a.row_ptr, a.tap_base, a.tap_r, a.tap_s, a.values, row, y, a.dst_h, src_row_stride,
+                               a.row_map, taps);
+    }
     const T bias = a.bias ? a.bias[row] : T(0);
     T* dst_row = a.dst + ((row * a.dst_h + y) * a.dst_w) * a.batch;
     const int64_t n_end = min64(a.batch, (chunk + 1) * blk.batch_chunk);
@@ -171,40 +211,62 @@ void gather_items(const GatherConvArgs<T>& a, GatherBlocking blk, int64_t item_b
       const BatchTile bt = batch_tile<T>(count);
       for (int64_t x0 = xb * blk.x_block; x0 < x_end; x0 += kPos) {
         const int npos = static_cast<int>(min64(kPos, x_end - x0));
-        if (count == kTile) {
-          gather_tile<T, kPos, kVecs, true>(a.src + n, a.batch, taps, ntaps, a.col_map, a.dst_w, x0, npos, bt,
-                                            bias, dst_row + n);
+        const bool interior = tile_is_interior(a.col_map, a.kernel_w, a.dst_w, x0, npos, kPos, a.col_step);
+        const T* s_n = src + n;
+        T* d_n = dst_row + n;
+        if (count == kTile && interior) {
+          gather_tile<T, kPos, kVecs, true, true>(s_n, a.batch, row_taps, ntaps, a.col_map, a.dst_w, x0, npos,
+                                                  a.col_step, bt, bias, d_n);
+        } else if (count == kTile) {
+          gather_tile<T, kPos, kVecs, true, false>(s_n, a.batch, row_taps, ntaps, a.col_map, a.dst_w, x0, npos,
+                                                   a.col_step, bt, bias, d_n);
         } else {
-          gather_tile<T, kPos, kVecs, false>(a.src + n, a.batch, taps, ntaps, a.col_map, a.dst_w, x0, npos, bt,
-                                             bias, dst_row + n);
+          gather_tile<T, kPos, kVecs, false, false>(s_n, a.batch, row_taps, ntaps, a.col_map, a.dst_w, x0, npos,
+                                                    a.col_step, bt, bias, d_n);
         }
       }
     }
   }
 }
 
-// Picks the register tile for `batch` values per pixel and rows `width` positions wide and calls
-// kernel.run<kPos, kVecs>(): as many batch vectors as the batch fills, the rest of the accumulators along x.
+// Picks the register tile for `batch` values per pixel (one block's batch chunk) and rows `width` positions
+// wide, and calls kernel.run<kPos, kVecs>(): as many batch vectors as the chunk fills (so the fast, unmasked
+// tile applies), then positions along x for the rest of the accumulators.
+template <int R, int kVecs, typename Kernel>
+inline void with_positions(int64_t width, Kernel& kernel) {
+  constexpr int kMaxPos = R / kVecs;
+  if constexpr (kMaxPos >= 8) {
+    if (width >= 8) return kernel.template run<8, kVecs>();
+  }
+  if constexpr (kMaxPos >= 4) {
+    if (width >= 4) return kernel.template run<4, kVecs>();
+  }
+  if constexpr (kMaxPos >= 2) {
+    if (width >= 2) return kernel.template run<2, kVecs>();
+  }
+  kernel.template run<1, kVecs>();
+}
+
 template <typename T, typename Kernel>
 inline void with_tile(int64_t batch, int64_t width, Kernel&& kernel) {
   constexpr int W = Vec<T>::kWidth;
   constexpr int R = kAccumulators;
   const int64_t vectors = (batch + W - 1) / W;
-  if (vectors >= R || width == 1) {
-    kernel.template run<1, R>();
-  } else if (vectors > R / 4 || width < 4) {
-    kernel.template run<2, R / 2>();
-  } else if (vectors > R / 8 || width < 8) {
-    kernel.template run<4, R / 4>();
+  if (vectors >= R) {
+    with_positions<R, R>(width, kernel);
+  } else if (vectors >= R / 2) {
+    with_positions<R, R / 2>(width, kernel);
+  } else if (vectors >= R / 4) {
+    with_positions<R, R / 4>(width, kernel);
   } else {
-    kernel.template run<8, R / 8>();
+    with_positions<R, R / 8>(width, kernel);
   }
 }
 
 template <typename T>
 struct GatherLauncher {
   const GatherConvArgs<T>& a;
-  GatherBlocking blk;
+  CacheBlocking blk;
   int64_t begin, end;
   TapScratch<T> taps;
   template <int kPos, int kVecs>
@@ -214,7 +276,7 @@ struct GatherLauncher {
 };
 
 template <typename T>
-void gather(const GatherConvArgs<T>& a, GatherBlocking blk, int64_t item_begin, int64_t item_end,
+void gather(const GatherConvArgs<T>& a, CacheBlocking blk, int64_t item_begin, int64_t item_end,
             TapScratch<T> taps) {
   with_tile<T>(min64(a.batch, blk.batch_chunk), min64(a.dst_w, blk.x_block),
                GatherLauncher<T>{a, blk, item_begin, item_end, taps});
@@ -222,10 +284,10 @@ void gather(const GatherConvArgs<T>& a, GatherBlocking blk, int64_t item_begin, 
 
 // ---- Sampled product (weight gradient) ---------------------------------------------------------------
 
-template <typename T, int kPos, int kVecs, bool kFull>
+template <typename T, int kPos, int kVecs, bool kFull, bool kInterior>
 inline void sddmm_tile(const T* go, const T* in, int64_t batch, const TapScratch<T>& taps, int64_t ntaps,
-                       const int32_t* col_map, int64_t out_w, int64_t x0, int npos, BatchTile bt,
-                       typename Vec<T>::type* partial) {
+                       const int32_t* col_map, int64_t out_w, int64_t x0, int npos, int64_t step, BatchTile bt,
+                       typename Vec<T>::type* partial, bool single_pass) {
   using V = Vec<T>;
   using v_t = typename V::type;
   constexpr int kAcc = kVecs < 4 ? kVecs : 4;
@@ -245,27 +307,44 @@ inline void sddmm_tile(const T* go, const T* in, int64_t batch, const TapScratch
     v_t acc[kAcc];
 #pragma GCC unroll 16
     for (int b = 0; b < kAcc; ++b) acc[b] = V::splat(T(0));
+    if constexpr (kInterior) {
+      const T* px0 = in_row + static_cast<int64_t>(cmap[0]) * batch;
 #pragma GCC unroll 16
-    for (int p = 0; p < kPos; ++p) {
-      if (p >= npos) break;
-      const int32_t sx = cmap[p];
-      const T* px = sx >= 0 ? in_row + static_cast<int64_t>(sx) * batch : ZeroBlock<T>::values;
+      for (int p = 0; p < kPos; ++p) {
 #pragma GCC unroll 16
-      for (int b = 0; b < kVecs; ++b) {
-        if (!kFull && b >= bt.nvec) break;
-        acc[b % kAcc] = V::fma(g[p][b], load_block<T, kFull>(px, b, bt), acc[b % kAcc]);
+        for (int b = 0; b < kVecs; ++b) {
+          if (!kFull && b >= bt.nvec) break;
+          acc[b % kAcc] = V::fma(g[p][b], load_block<T, kFull>(px0 + p * step * batch, b, bt), acc[b % kAcc]);
+        }
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int p = 0; p < kPos; ++p) {
+        if (p >= npos) break;
+        const int32_t sx = cmap[p];
+        const T* px = sx >= 0 ? in_row + static_cast<int64_t>(sx) * batch : ZeroBlock<T>::values;
+#pragma GCC unroll 16
+        for (int b = 0; b < kVecs; ++b) {
+          if (!kFull && b >= bt.nvec) break;
+          acc[b % kAcc] = V::fma(g[p][b], load_block<T, kFull>(px, b, bt), acc[b % kAcc]);
+        }
       }
     }
     v_t total = acc[0];
 #pragma GCC unroll 16
     for (int b = 1; b < kAcc; ++b) total += acc[b];
-    partial[taps.entry[j]] += total;
+    const int64_t e = taps.entry ? taps.entry[j] : j;
+    if (single_pass) {
+      reinterpret_cast<T*>(partial)[e] = V::sum(total);
+    } else {
+      partial[e] += total;
+    }
   }
 }
 
 template <typename T, int kPos, int kVecs>
-void sddmm_rows(const SddmmConvArgs<T>& a, int64_t row_begin, int64_t row_end, TapScratch<T> taps,
-                T* partial_storage) {
+void sddmm_rows(const SddmmConvArgs<T>& a, CacheBlocking blk, int64_t row_begin, int64_t row_end,
+                TapScratch<T> taps, T* partial_storage) {
   using V = Vec<T>;
   using v_t = typename V::type;
   constexpr int64_t kTile = kVecs * V::kWidth;
@@ -273,50 +352,82 @@ void sddmm_rows(const SddmmConvArgs<T>& a, int64_t row_begin, int64_t row_end, T
   const int64_t e_end = a.row_ptr[row_end];
   const int64_t in_row_stride = a.in_w * a.batch;
   v_t* partial = reinterpret_cast<v_t*>(partial_storage);
-  for (int64_t e = 0; e < e_end - e_begin; ++e) partial[e] = V::splat(T(0));
-  // Output rows y outermost, channels inside: consecutive channels read the same few input rows, which stay
-  // in cache; each entry's partial sum waits in `partial` meanwhile.
-  for (int64_t y = 0; y < a.out_h; ++y) {
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const int64_t ntaps = collect_row_taps<T>(a.row_ptr, a.tap_base, a.tap_r, a.tap_s, nullptr, nullptr, row, y,
-                                                a.out_h, in_row_stride, a.row_map, taps);
-      if (ntaps == 0) continue;
-      for (int64_t j = 0; j < ntaps; ++j) taps.entry[j] -= static_cast<int32_t>(e_begin);
-      const T* go_row = a.grad_output + ((row * a.out_h + y) * a.out_w) * a.batch;
-      for (int64_t n = 0; n < a.batch; n += kTile) {
-        const int64_t count = min64(kTile, a.batch - n);
-        const BatchTile bt = batch_tile<T>(count);
-        for (int64_t x0 = 0; x0 < a.out_w; x0 += kPos) {
-          const int npos = static_cast<int>(min64(kPos, a.out_w - x0));
-          if (count == kTile) {
-            sddmm_tile<T, kPos, kVecs, true>(go_row + n, a.input + n, a.batch, taps, ntaps, a.col_map, a.out_w, x0,
-                                             npos, bt, partial);
+  // One tile covers each whole dot product (a linear layer whose batch fits the tile): the sums go straight
+  // to grad_values. Otherwise each entry's vector of partial sums waits in `partial` between tiles.
+  const bool single_pass = a.out_h == 1 && a.out_w <= kPos && a.batch <= kTile;
+  if (single_pass) partial = reinterpret_cast<v_t*>(a.grad_values + e_begin);
+  for (int64_t e = 0; !single_pass && e < e_end - e_begin; ++e) partial[e] = V::splat(T(0));
+  // Blocks (batch chunk, y, x block) outermost, channels inside: consecutive channels read the same input
+  // pixels, which stay in cache; each entry's partial sum waits in `partial` meanwhile.
+  for (int64_t n_begin = 0; n_begin < a.batch; n_begin += blk.batch_chunk) {
+    const int64_t n_end = min64(a.batch, n_begin + blk.batch_chunk);
+    for (int64_t y = 0; y < a.out_h; ++y) {
+      for (int64_t xb = 0; xb < a.out_w; xb += blk.x_block) {
+        const int64_t x_end = min64(a.out_w, xb + blk.x_block);
+        for (int64_t row = row_begin; row < row_end; ++row) {
+          const T* input = a.input;
+          v_t* row_partial = partial;
+          int64_t ntaps;
+          TapScratch<T> row_taps = taps;
+          if (a.rows_direct) {
+            const int64_t e0 = a.row_ptr[row];
+            ntaps = a.row_ptr[row + 1] - e0;
+            row_taps.offset = const_cast<int64_t*>(a.tap_base + e0);
+            row_taps.col = const_cast<int32_t*>(a.tap_s + e0);
+            row_taps.entry = nullptr;  // entry j is the row's j-th
+            row_partial = single_pass ? reinterpret_cast<v_t*>(a.grad_values + e0) : row_partial + (e0 - e_begin);
+            input += y * in_row_stride;
           } else {
-            sddmm_tile<T, kPos, kVecs, false>(go_row + n, a.input + n, a.batch, taps, ntaps, a.col_map, a.out_w,
-                                              x0, npos, bt, partial);
+            ntaps = collect_row_taps<T>(a.row_ptr, a.tap_base, a.tap_r, a.tap_s, nullptr, row, y, a.out_h,
+                                        in_row_stride, a.row_map, taps);
+            for (int64_t j = 0; j < ntaps; ++j) taps.entry[j] -= static_cast<int32_t>(e_begin);
+          }
+          if (ntaps == 0) continue;
+          const T* go_row = a.grad_output + ((row * a.out_h + y) * a.out_w) * a.batch;
+          for (int64_t n = n_begin; n < n_end; n += kTile) {
+            const int64_t count = min64(kTile, n_end - n);
+            const BatchTile bt = batch_tile<T>(count);
+            for (int64_t x0 = xb; x0 < x_end; x0 += kPos) {
+              const int npos = static_cast<int>(min64(kPos, x_end - x0));
+              const bool interior = tile_is_interior(a.col_map, a.kernel_w, a.out_w, x0, npos, kPos, a.col_step);
+              if (count == kTile && interior) {
+                sddmm_tile<T, kPos, kVecs, true, true>(go_row + n, input + n, a.batch, row_taps, ntaps, a.col_map,
+                                                       a.out_w, x0, npos, a.col_step, bt, row_partial, single_pass);
+              } else if (count == kTile) {
+                sddmm_tile<T, kPos, kVecs, true, false>(go_row + n, input + n, a.batch, row_taps, ntaps, a.col_map,
+                                                        a.out_w, x0, npos, a.col_step, bt, row_partial, single_pass);
+              } else {
+                sddmm_tile<T, kPos, kVecs, false, false>(go_row + n, input + n, a.batch, row_taps, ntaps,
+                                                         a.col_map, a.out_w, x0, npos, a.col_step, bt, row_partial,
+                                                         single_pass);
+              }
+            }
           }
         }
       }
     }
   }
-  for (int64_t e = e_begin; e < e_end; ++e) a.grad_values[e] = V::sum(partial[e - e_begin]);
+  for (int64_t e = e_begin; !single_pass && e < e_end; ++e) a.grad_values[e] = V::sum(partial[e - e_begin]);
 }
 
 template <typename T>
 struct SddmmLauncher {
   const SddmmConvArgs<T>& a;
+  CacheBlocking blk;
   int64_t begin, end;
   TapScratch<T> taps;
   T* partial;
   template <int kPos, int kVecs>
   void run() {
-    sddmm_rows<T, kPos, kVecs>(a, begin, end, taps, partial);
+    sddmm_rows<T, kPos, kVecs>(a, blk, begin, end, taps, partial);
   }
 };
 
 template <typename T>
-void sddmm(const SddmmConvArgs<T>& a, int64_t row_begin, int64_t row_end, TapScratch<T> taps, T* partial) {
-  with_tile<T>(a.batch, a.out_w, SddmmLauncher<T>{a, row_begin, row_end, taps, partial});
+void sddmm(const SddmmConvArgs<T>& a, CacheBlocking blk, int64_t row_begin, int64_t row_end, TapScratch<T> taps,
+           T* partial) {
+  with_tile<T>(min64(a.batch, blk.batch_chunk), min64(a.out_w, blk.x_block),
+               SddmmLauncher<T>{a, blk, row_begin, row_end, taps, partial});
 }
 
 inline const SparseConvKernels* kernels() {
