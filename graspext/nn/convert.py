@@ -22,8 +22,9 @@ from graspext.nn.modules import SparseConv2d, SparseLinear
 POLICIES = ("auto", "sparse", "dense", "measure")
 
 # Densities below which the sparse kernels beat dense oneDNN/MKL for a forward+backward pass, measured per
-# layer on VGG19/ResNet32-CIFAR shapes at batch 128 on a 2-core AVX-512 CPU (benchmarks/RESULTS.md).
-BREAK_EVEN_DENSITY = {"conv": 0.25, "linear": 0.3}
+# layer on VGG19/ResNet32-CIFAR shapes at batch 128 and Linear 4096x4096 at batch 256 on a 2-core AVX-512
+# CPU (benchmarks/RESULTS.md): sparse time grows about linearly with density, dense time is flat.
+BREAK_EVEN_DENSITY = {"conv": 0.25, "linear": 0.08}
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,10 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
             _choose_mode(layer, kind, policy, shapes.get(name))
         _set_submodule(out, name, layer)
     if keep_layout and targets:
+        layers = [m for m in out.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+        for layer, following in zip(layers, layers[1:]):
+            layer.emit_batch_innermost = (isinstance(layer, SparseConv2d) and layer.mode == "dense"
+                                          and following.mode == "sparse")
         for name, module in list(out.named_modules()):
             converted = to_layout_module(module)
             if converted is not module:

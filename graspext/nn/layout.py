@@ -2,7 +2,8 @@
 
 The sparse kernels return NCHW-shaped views of ``[C, H, W, N]`` storage. Elementwise ops keep that layout
 by themselves; these subclasses of the torch modules keep it through normalization and pooling too (the
-stock CPU kernels would copy to NCHW, and the next sparse layer would copy back). Each one computes exactly
+stock CPU kernels would copy to NCHW, and the next sparse layer would copy back), and keep an in-place ReLU
+from costing a full copy in the backward pass. Each one computes exactly
 what its base class computes, with the same parameters and state_dict, for any input layout.
 """
 
@@ -58,12 +59,24 @@ class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
         return _as_cnhw(F.adaptive_avg_pool2d(_as_cnhw(x), self.output_size))
 
 
+class ReLU(nn.ReLU):
+    """``nn.ReLU`` that does not work in place on a view (such as BatchNorm2d's batch-innermost output here).
+
+    Autograd records an in-place op on a view as a copy of the whole base tensor (``CopySlices``), which in
+    the backward pass costs more than the ReLU itself; out of place, the result keeps the input's layout.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x, inplace=self.inplace and x._base is None)
+
+
 # torch module type -> its layout-keeping subclass; conversion copies the instance's attributes over.
 LAYOUT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm2d: BatchNorm2d,
     nn.MaxPool2d: MaxPool2d,
     nn.AvgPool2d: AvgPool2d,
     nn.AdaptiveAvgPool2d: AdaptiveAvgPool2d,
+    nn.ReLU: ReLU,
 }
 
 

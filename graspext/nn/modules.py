@@ -48,6 +48,9 @@ class _SparseLayer(nn.Module):
             self.register_buffer(name, t, persistent=False)
         self.mode = mode
         self.decision = f"{mode} (chosen by the caller)"
+        # Set by sparsify on dense-mode layers followed by sparse ones: hand them the batch-innermost layout
+        # (one conversion here instead of mixed layouts downstream, e.g. in a residual sum).
+        self.emit_batch_innermost = False
 
     @property
     def mode(self) -> str:
@@ -205,8 +208,11 @@ class SparseConv2d(_SparseLayer):
             ph, pw = self.padding
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             padding = 0
-        return F.conv2d(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
-                        self.stride, padding, self.dilation, self.groups)
+        y = F.conv2d(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                     self.stride, padding, self.dilation, self.groups)
+        if self.emit_batch_innermost and y.shape[0] > 1:
+            y = y.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        return y
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent ``nn.Conv2d`` (pruned weights are zeros)."""

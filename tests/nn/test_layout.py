@@ -20,6 +20,7 @@ def _batch_innermost(x):
     lambda: nn.AvgPool2d(3, 1, 1, count_include_pad=False),
     lambda: nn.AdaptiveAvgPool2d(1),
     lambda: nn.AdaptiveAvgPool2d((2, 3)),
+    lambda: nn.ReLU(),
 ])
 @pytest.mark.parametrize("training", [True, False])
 def test_same_results_and_layout_kept(make, training):
@@ -48,3 +49,12 @@ def test_detection():
     assert not is_batch_innermost(x)
     assert is_batch_innermost(_batch_innermost(x))
     assert not is_batch_innermost(torch.randn(4, 3))
+
+
+def test_relu_after_batchnorm_needs_no_copy_in_backward():
+    bn, relu = to_layout_module(nn.BatchNorm2d(5).double()), to_layout_module(nn.ReLU(inplace=True))
+    x = _batch_innermost(torch.randn(6, 5, 4, 4, dtype=torch.float64)).requires_grad_()
+    y = relu(bn(x))
+    assert "CopySlices" not in type(y.grad_fn).__name__
+    ref = torch.relu(nn.BatchNorm2d(5).double()(x.detach()))
+    torch.testing.assert_close(y, ref)
