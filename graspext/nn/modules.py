@@ -36,6 +36,17 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def _dense_layer_mask(layer: nn.Module, cls: type, name: str, mask: Tensor | None) -> Tensor:
+    """Checks the layer to convert and its mask; the mask defaults to the layer's non-zero weights."""
+    if not isinstance(layer, cls):
+        raise TypeError(f"{name} must be an nn.{cls.__name__}, got {type(layer).__name__}")
+    if mask is None:
+        return layer.weight.detach() != 0
+    if tuple(mask.shape) != tuple(layer.weight.shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight has {tuple(layer.weight.shape)}")
+    return mask
+
+
 class _SparseLayer(nn.Module):
     """What SparseConv2d and SparseLinear share: values, index buffers, mode, state_dict as a dense weight."""
 
@@ -169,12 +180,7 @@ class SparseConv2d(_SparseLayer):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: Tensor | None = None, mode: str = "sparse") -> SparseConv2d:
         """From an ``nn.Conv2d``; ``mask`` defaults to its non-zero weights."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if mask is None:
-            mask = conv.weight.detach() != 0
-        if tuple(mask.shape) != tuple(conv.weight.shape):
-            raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight has {tuple(conv.weight.shape)}")
+        mask = _dense_layer_mask(conv, nn.Conv2d, "conv", mask)
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                    conv.groups, conv.weight * mask.to(conv.weight.dtype), conv.bias, mask, mode, conv.padding_mode)
 
@@ -244,12 +250,7 @@ class SparseLinear(_SparseLayer):
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: Tensor | None = None, mode: str = "sparse") -> SparseLinear:
         """From an ``nn.Linear``; ``mask`` defaults to its non-zero weights."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        if mask is None:
-            mask = linear.weight.detach() != 0
-        if tuple(mask.shape) != tuple(linear.weight.shape):
-            raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight has {tuple(linear.weight.shape)}")
+        mask = _dense_layer_mask(linear, nn.Linear, "linear", mask)
         return cls(linear.in_features, linear.out_features, linear.weight * mask.to(linear.weight.dtype),
                    linear.bias, mask, mode)
 

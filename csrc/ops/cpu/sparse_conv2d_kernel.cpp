@@ -2,7 +2,6 @@
 // and the choice of SIMD kernels (isa/) by what this CPU supports.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/env.h>

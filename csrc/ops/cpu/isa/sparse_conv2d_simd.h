@@ -118,6 +118,15 @@ inline bool tile_is_interior(const int32_t* col_map, int64_t kernel_w, int64_t d
   return true;
 }
 
+// The source pixel position p of a tile reads through one tap (`cmap` is the tap column's map from x0 on):
+// the zero block where it falls into the padding.
+template <typename T, bool kInterior>
+inline const T* tap_pixel(const T* src_row, const int32_t* cmap, int p, int64_t batch, int64_t step) {
+  if constexpr (kInterior) return src_row + (static_cast<int64_t>(cmap[0]) + p * step) * batch;
+  const int32_t sx = cmap[p];
+  return sx >= 0 ? src_row + static_cast<int64_t>(sx) * batch : ZeroBlock<T>::values;
+}
+
 // One tile of destination row y: positions x0 .. x0 + npos - 1 (npos <= kPos) and one batch tile. With
 // kInterior (tile_is_interior), position p reads source column cmap[0] + p * step.
 template <typename T, int kPos, int kVecs, bool kFull, bool kInterior>
@@ -132,32 +141,18 @@ inline void gather_tile(const T* src, int64_t batch, const TapScratch<T>& taps, 
 #pragma GCC unroll 16
     for (int b = 0; b < kVecs; ++b) acc[p][b] = V::splat(bias);
 
-  const int64_t position_stride = step * batch;
   for (int64_t j = 0; j < ntaps; ++j) {
     const v_t w = V::splat(taps.weight[j]);
     const T* src_row = src + taps.offset[j];
     const int32_t* cmap = col_map + static_cast<int64_t>(taps.col[j]) * dst_w + x0;
-    if constexpr (kInterior) {
-      const T* px0 = src_row + static_cast<int64_t>(cmap[0]) * batch;
 #pragma GCC unroll 16
-      for (int p = 0; p < kPos; ++p) {
+    for (int p = 0; p < kPos; ++p) {
+      if (!kInterior && p >= npos) break;
+      const T* px = tap_pixel<T, kInterior>(src_row, cmap, p, batch, step);
 #pragma GCC unroll 16
-        for (int b = 0; b < kVecs; ++b) {
-          if (!kFull && b >= bt.nvec) break;
-          acc[p][b] = V::fma(w, load_block<T, kFull>(px0 + p * position_stride, b, bt), acc[p][b]);
-        }
-      }
-    } else {
-#pragma GCC unroll 16
-      for (int p = 0; p < kPos; ++p) {
-        if (p >= npos) break;
-        const int32_t sx = cmap[p];
-        const T* px = sx >= 0 ? src_row + static_cast<int64_t>(sx) * batch : ZeroBlock<T>::values;
-#pragma GCC unroll 16
-        for (int b = 0; b < kVecs; ++b) {
-          if (!kFull && b >= bt.nvec) break;
-          acc[p][b] = V::fma(w, load_block<T, kFull>(px, b, bt), acc[p][b]);
-        }
+      for (int b = 0; b < kVecs; ++b) {
+        if (!kFull && b >= bt.nvec) break;
+        acc[p][b] = V::fma(w, load_block<T, kFull>(px, b, bt), acc[p][b]);
       }
     }
   }
@@ -307,27 +302,14 @@ inline void sddmm_tile(const T* go, const T* in, int64_t batch, const TapScratch
     v_t acc[kAcc];
 #pragma GCC unroll 16
     for (int b = 0; b < kAcc; ++b) acc[b] = V::splat(T(0));
-    if constexpr (kInterior) {
-      const T* px0 = in_row + static_cast<int64_t>(cmap[0]) * batch;
 #pragma GCC unroll 16
-      for (int p = 0; p < kPos; ++p) {
+    for (int p = 0; p < kPos; ++p) {
+      if (!kInterior && p >= npos) break;
+      const T* px = tap_pixel<T, kInterior>(in_row, cmap, p, batch, step);
 #pragma GCC unroll 16
-        for (int b = 0; b < kVecs; ++b) {
-          if (!kFull && b >= bt.nvec) break;
-          acc[b % kAcc] = V::fma(g[p][b], load_block<T, kFull>(px0 + p * step * batch, b, bt), acc[b % kAcc]);
-        }
-      }
-    } else {
-#pragma GCC unroll 16
-      for (int p = 0; p < kPos; ++p) {
-        if (p >= npos) break;
-        const int32_t sx = cmap[p];
-        const T* px = sx >= 0 ? in_row + static_cast<int64_t>(sx) * batch : ZeroBlock<T>::values;
-#pragma GCC unroll 16
-        for (int b = 0; b < kVecs; ++b) {
-          if (!kFull && b >= bt.nvec) break;
-          acc[b % kAcc] = V::fma(g[p][b], load_block<T, kFull>(px, b, bt), acc[b % kAcc]);
-        }
+      for (int b = 0; b < kVecs; ++b) {
+        if (!kFull && b >= bt.nvec) break;
+        acc[b % kAcc] = V::fma(g[p][b], load_block<T, kFull>(px, b, bt), acc[b % kAcc]);
       }
     }
     v_t total = acc[0];
