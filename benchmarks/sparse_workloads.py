@@ -87,9 +87,11 @@ class ConvCase:
         self.density = self.pattern.density
 
     def dense(self) -> None:
+        self.x.grad = self.weight.grad = None  # a layer's gradients are fresh tensors in training too
         F.conv2d(self.x, self.weight, None, self.stride, self.padding).backward(self.grad)
 
     def sparse(self) -> None:
+        self.x_sparse.grad = self.values.grad = None
         gx.ops.sparse_conv2d(self.x_sparse, self.values, self.pattern, None, self.stride,
                              self.padding).backward(self.grad_sparse)
 
@@ -117,9 +119,11 @@ class LinearCase:
         self.density = self.pattern.density
 
     def dense(self) -> None:
+        self.x.grad = self.weight.grad = None
         F.linear(self.x, self.weight).backward(self.grad)
 
     def sparse(self) -> None:
+        self.x_sparse.grad = self.values.grad = None
         gx.ops.sparse_linear(self.x_sparse, self.values, self.pattern).backward(self.grad_sparse)
 
     def torch_csr(self) -> None:
