@@ -16,13 +16,19 @@ def _datasets(args, train: bool = True):
     return data.load(args.data, args.data_root, train=train, download=args.download), data.NUM_CLASSES[args.data]
 
 
-def _prune(args) -> int:
-    import graspext as gx
+def _seeded_model_and_data(args):
+    """Seeds torch, loads the training split and builds the model for its classes (prune and train)."""
     from graspext.models import create
 
     torch.manual_seed(args.seed)
-    dataset, num_classes = _datasets(args)
-    model = create(args.model, num_classes=num_classes)
+    dataset, num_classes = _datasets(args, train=True)
+    return create(args.model, num_classes=num_classes), dataset
+
+
+def _prune(args) -> int:
+    import graspext as gx
+
+    model, dataset = _seeded_model_and_data(args)
     loader = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
     options = {}
@@ -50,12 +56,9 @@ def _prune(args) -> int:
 
 def _train(args) -> int:
     import graspext as gx
-    from graspext.models import create
 
-    torch.manual_seed(args.seed)
-    train_set, num_classes = _datasets(args, train=True)
+    model, train_set = _seeded_model_and_data(args)
     test_set, _ = _datasets(args, train=False)
-    model = create(args.model, num_classes=num_classes)
     masks = None
     if args.masks:
         masks = gx.Masks.load(args.masks)
