@@ -1,6 +1,6 @@
 """Batch-innermost activations through BatchNorm and pooling, so a sparse network converts layouts once.
 
-The sparse kernels return NCHW-shaped views of ``[C, H, W, N]`` storage. Elementwise ops keep that layout
+The sparse kernels return NCHW-shaped tensors with ``[C, H, W, N]`` storage. Elementwise ops keep that layout
 by themselves; these subclasses of the torch modules keep it through normalization and pooling too (the
 stock CPU kernels would copy to NCHW, and the next sparse layer would copy back), and keep an in-place ReLU
 from costing a full copy in the backward pass. Each one computes exactly

@@ -1,7 +1,7 @@
 """Sparse convolution and linear products with autograd: wrappers over ``torch.ops.graspext.sparse_conv2d*``.
 
 The ops read only the kept weights (see :class:`graspext.nn.pattern.SparsePattern`) and return NCHW-shaped
-views of batch-innermost ``[C, H, W, N]`` storage. Elementwise ops keep that layout, and the next sparse op
+tensors with batch-innermost ``[C, H, W, N]`` storage. Elementwise ops keep that layout, and the next sparse op
 reads it without a copy; ``graspext.nn`` makes BatchNorm and pooling keep it too. A linear layer is the
 same product on a 1x1 image: its input ``[N, in]`` is ``[N, in, 1, 1]``.
 """
