@@ -117,17 +117,14 @@ def _write_tables(rows, out_dir) -> None:
     write_text(os.path.join(out_dir, SWEEP_MARKDOWN), "\n".join(lines) + "\n")
 
 
-def train_step_seconds(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], masks: Masks | None = None,
-                       repeats: int = 5) -> float:
-    """Median seconds of one training step (forward, backward, SGD with momentum) at this batch; with
-    ``masks``, of the masked dense model."""
+def train_step_seconds(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], repeats: int = 5) -> float:
+    """Median seconds of one training step (forward, backward, SGD with momentum) at this batch."""
     import time
 
     import torch.nn.functional as F
 
     keep_freed_memory()
     model = copy.deepcopy(model).train()
-    handle = masks.apply_(model) if masks is not None else None
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x, y = batch
     times = []
@@ -138,8 +135,6 @@ def train_step_seconds(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.
         opt.step()
         if i:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - start)
-    if handle is not None:
-        handle.remove()
     return statistics.median(times)
 
 

@@ -225,10 +225,7 @@ class SparseConv2d(_SparseLayer):
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                          self._string_padding or self.padding, self.dilation, self.groups, self.bias is not None,
                          self.padding_mode, device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
+        conv.load_state_dict(self.state_dict())  # the dense weight and bias, under nn.Conv2d's keys
         return conv
 
     def extra_repr(self) -> str:
@@ -274,10 +271,7 @@ class SparseLinear(_SparseLayer):
         """The equivalent ``nn.Linear`` (pruned weights are zeros)."""
         linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=self.values.device,
                            dtype=self.values.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
+        linear.load_state_dict(self.state_dict())  # the dense weight and bias, under nn.Linear's keys
         return linear
 
     def extra_repr(self) -> str:

@@ -218,6 +218,45 @@ void run_gather(const cpu::GatherConvArgs<T>& args, int64_t src_channels, int64_
   });
 }
 
+// An image in batch-innermost storage: [channels, h, w, batch].
+struct Image {
+  const at::Tensor& data;
+  int64_t channels, h, w;
+};
+
+// The gather product (GatherConvArgs) of src into dst through the index (ptr, tap_index, values in its order).
+// `block_stride_w` is the source columns per destination column that cache blocking assumes.
+void gather_product(const Image& src, const Image& dst, int64_t batch, int64_t kernel_h, int64_t kernel_w,
+                    const at::Tensor& ptr, const at::Tensor& tap_index, const at::Tensor& values,
+                    const at::Tensor& bias, const std::vector<int32_t>& row_map, const std::vector<int32_t>& col_map,
+                    int64_t col_step, int64_t block_stride_w) {
+  const auto taps = decode_taps(tap_index, kernel_h, kernel_w, src.h * src.w * batch);
+  const bool rows_direct = is_identity(row_map, kernel_h, dst.h, src.h);
+  AT_DISPATCH_FLOATING_TYPES(src.data.scalar_type(), "sparse_conv2d_gather_cpu", [&] {
+    cpu::GatherConvArgs<scalar_t> args{batch,
+                                       src.h,
+                                       src.w,
+                                       dst.channels,
+                                       dst.h,
+                                       dst.w,
+                                       kernel_h,
+                                       kernel_w,
+                                       src.data.const_data_ptr<scalar_t>(),
+                                       dst.data.data_ptr<scalar_t>(),
+                                       ptr.const_data_ptr<int64_t>(),
+                                       taps.base.data(),
+                                       taps.r.data(),
+                                       taps.s.data(),
+                                       values.const_data_ptr<scalar_t>(),
+                                       bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                                       row_map.data(),
+                                       col_map.data(),
+                                       rows_direct,
+                                       col_step};
+    run_gather(args, src.channels, block_stride_w);
+  });
+}
+
 // Writes the forward product into `out`, whose storage is [out_channels, out_h, out_w, batch].
 at::Tensor& sparse_conv2d_into(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
                                const at::Tensor& row_taps, const std::optional<at::Tensor>& bias,
@@ -239,30 +278,8 @@ at::Tensor& sparse_conv2d_into(const at::Tensor& input, const at::Tensor& values
   const auto b = bias ? bias->contiguous() : at::Tensor();
   const auto row_map = forward_map(g.kernel_h, g.out_h, g.in_h, g.stride_h, g.pad_h);
   const auto col_map = forward_map(g.kernel_w, g.out_w, g.in_w, g.stride_w, g.pad_w);
-  const auto taps = decode_taps(row_taps, g.kernel_h, g.kernel_w, g.in_h * g.in_w * g.batch);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d_cpu", [&] {
-    cpu::GatherConvArgs<scalar_t> args{g.batch,
-                                       g.in_h,
-                                       g.in_w,
-                                       g.out_channels,
-                                       g.out_h,
-                                       g.out_w,
-                                       g.kernel_h,
-                                       g.kernel_w,
-                                       x.const_data_ptr<scalar_t>(),
-                                       out.data_ptr<scalar_t>(),
-                                       row_ptr.const_data_ptr<int64_t>(),
-                                       taps.base.data(),
-                                       taps.r.data(),
-                                       taps.s.data(),
-                                       v.const_data_ptr<scalar_t>(),
-                                       b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                       row_map.data(),
-                                       col_map.data(),
-                                       is_identity(row_map, g.kernel_h, g.out_h, g.in_h),
-                                       g.stride_w};
-    run_gather(args, g.in_channels, g.stride_w);
-  });
+  gather_product({x, g.in_channels, g.in_h, g.in_w}, {out, g.out_channels, g.out_h, g.out_w}, g.batch, g.kernel_h,
+                 g.kernel_w, row_ptr, row_taps, v, b, row_map, col_map, g.stride_w, g.stride_w);
   return out;
 }
 
@@ -297,32 +314,11 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_output, const
   const auto v = values.index_select(0, col_order);
   const auto row_map = transposed_map(g.kernel_h, g.in_h, g.out_h, g.stride_h, g.pad_h);
   const auto col_map = transposed_map(g.kernel_w, g.in_w, g.out_w, g.stride_w, g.pad_w);
-  const auto taps = decode_taps(col_taps, g.kernel_h, g.kernel_w, g.out_h * g.out_w * g.batch);
-  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "sparse_conv2d_backward_input_cpu", [&] {
-    cpu::GatherConvArgs<scalar_t> args{g.batch,
-                                       g.out_h,
-                                       g.out_w,
-                                       g.in_channels,
-                                       g.in_h,
-                                       g.in_w,
-                                       g.kernel_h,
-                                       g.kernel_w,
-                                       dy.const_data_ptr<scalar_t>(),
-                                       grad_input.data_ptr<scalar_t>(),
-                                       col_ptr.const_data_ptr<int64_t>(),
-                                       taps.base.data(),
-                                       taps.r.data(),
-                                       taps.s.data(),
-                                       v.const_data_ptr<scalar_t>(),
-                                       nullptr,
-                                       row_map.data(),
-                                       col_map.data(),
-                                       is_identity(row_map, g.kernel_h, g.in_h, g.out_h),
-                                       // The transposed map is affine only at stride 1: x + pad - s.
-                                       g.stride_w == 1 ? 1 : 0};
-    // Transposed: each input position reads about kernel_w / stride_w output pixels per kernel row.
-    run_gather(args, g.out_channels, 1);
-  });
+  // The transposed map is affine only at stride 1 (x + pad - s); each input position then reads about
+  // kernel_w / stride_w output pixels per kernel row, so blocks are sized for stride 1.
+  gather_product({dy, g.out_channels, g.out_h, g.out_w}, {grad_input, g.in_channels, g.in_h, g.in_w}, g.batch,
+                 g.kernel_h, g.kernel_w, col_ptr, col_taps, v, at::Tensor(), row_map, col_map,
+                 g.stride_w == 1 ? 1 : 0, 1);
   return grad_input;
 }
 
@@ -351,8 +347,6 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, cons
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_h, g.out_w}),
               "grad_output must have shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
               "], got ", grad_output.sizes());
-  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() == g.out_channels + 1,
-              "row_ptr must have out_channels + 1 = ", g.out_channels + 1, " entries, got shape ", row_ptr.sizes());
   const int64_t nnz = row_taps.numel();
   check_sparse_index(row_ptr, row_taps, nullptr, g.out_channels, g.in_channels * g.kernel_h * g.kernel_w, nnz,
                      "row_ptr", "row_taps", "");
