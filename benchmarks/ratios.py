@@ -86,7 +86,8 @@ def grasp_table(repeats):
 
 
 def sparse_tables(repeats: int, quick: bool) -> None:
-    from sparse_workloads import MODELS, SPARSITIES, ConvCase, LinearCase, StepCase, conv_layers
+    from sparse_workloads import (BATCH_NORM_SHAPES, MODELS, SPARSITIES, BatchNormCase, ConvCase, LinearCase,
+                                  StepCase, conv_layers)
 
     sparsities = SPARSITIES[1:3] if quick else SPARSITIES
     ms = lambda fn: 1e3 * median_seconds(fn, repeats)  # noqa: E731
@@ -110,6 +111,12 @@ def sparse_tables(repeats: int, quick: bool) -> None:
         dense_ms, csr_ms, sparse_ms = ms(case.dense), ms(case.torch_csr), ms(case.sparse)
         print(f"| {sparsity:.0%} | {dense_ms:.1f} | {csr_ms:.1f} | {sparse_ms:.1f} | {dense_ms / sparse_ms:.1f}x | "
               f"{csr_ms / sparse_ms:.1f}x |", flush=True)
+    print("\n| BatchNorm+ReLU fwd+bwd, batch 128 | torch ms | graspext fused ms | speedup |")
+    print("| --- | ---: | ---: | ---: |")
+    for channels, size in BATCH_NORM_SHAPES:
+        case = BatchNormCase(channels, size)
+        torch_ms, fused_ms = ms(case.torch), ms(case.fused)
+        print(f"| {channels}x{size}x{size} | {torch_ms:.2f} | {fused_ms:.2f} | {torch_ms / fused_ms:.2f}x |", flush=True)
     print("\n| train step, batch 128 (GraSP masks) | dense ms | " + " | ".join(
         f"sparse {s:.0%} ms (speedup)" for s in sparsities[:3]) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in sparsities[:3]) + " |")

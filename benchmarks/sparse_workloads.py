@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import graspext as gx
 from graspext.allocator import keep_freed_memory
+from graspext.nn.layout import to_batch_innermost
 from graspext.nn.pattern import SparsePattern
 
 keep_freed_memory()
@@ -81,9 +82,9 @@ class ConvCase:
         out = F.conv2d(self.x.detach(), self.weight.detach(), None, self.stride, self.padding)
         self.grad = torch.randn(out.shape, generator=g)
         # The sparse layers hand each other batch-innermost tensors; so do their gradients.
-        self.x_sparse = self.x.detach().permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        self.x_sparse = to_batch_innermost(self.x.detach())
         self.x_sparse.requires_grad_(self.needs_input_grad)
-        self.grad_sparse = self.grad.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        self.grad_sparse = to_batch_innermost(self.grad)
         self.density = self.pattern.density
 
     def dense(self) -> None:
@@ -132,6 +133,36 @@ class LinearCase:
         torch.sparse.mm(self.csr, x.t())                              # Y^T = W X^T
         torch.sparse.mm(self.csr_t, self.grad.t())                    # dX^T = W^T dY^T
         torch.sparse.sampled_addmm(self.csr, self.grad.t(), x, beta=0.0)  # dW at kept positions
+
+
+# The distinct BatchNorm2d inputs of VGG19-CIFAR at batch BATCH: (channels, height = width).
+BATCH_NORM_SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4), (512, 2))
+
+
+class BatchNormCase:
+    """BatchNorm2d then ReLU, forward and backward in training mode: torch's modules on NCHW input against
+    graspext's fused layout module on batch-innermost input (how each meets its input in a network)."""
+
+    def __init__(self, channels: int, size: int):
+        from graspext.nn.layout import fuse_batch_norm_relu, to_layout_module
+
+        g = torch.Generator().manual_seed(4)
+        self.x = torch.randn(BATCH, channels, size, size, generator=g).requires_grad_()
+        self.grad = torch.randn(BATCH, channels, size, size, generator=g)
+        self.x_fused = to_batch_innermost(self.x.detach()).requires_grad_()
+        self.grad_fused = to_batch_innermost(self.grad)
+        self.torch_modules = torch.nn.Sequential(torch.nn.BatchNorm2d(channels), torch.nn.ReLU(inplace=True))
+        self.fused_modules = torch.nn.Sequential(*(to_layout_module(m) for m in
+                                                   (torch.nn.BatchNorm2d(channels), torch.nn.ReLU(inplace=True))))
+        fuse_batch_norm_relu(self.fused_modules)
+
+    def torch(self) -> None:
+        self.x.grad = None
+        self.torch_modules(self.x).backward(self.grad)
+
+    def fused(self) -> None:
+        self.x_fused.grad = None
+        self.fused_modules(self.x_fused).backward(self.grad_fused)
 
 
 class StepCase:

@@ -1,12 +1,13 @@
 """Per-layer forward+backward: graspext's sparse kernels against dense torch (oneDNN/MKL), and for Linear
-against torch.sparse CSR; every distinct conv of VGG19- and ResNet32-CIFAR at batch 128.
+against torch.sparse CSR; every distinct conv of VGG19- and ResNet32-CIFAR at batch 128; and BatchNorm+ReLU,
+torch's modules against graspext's fused op, at VGG19's shapes.
 
 Run: python -m pytest benchmarks/test_sparse_layers.py --benchmark-group-by=group
 """
 
 import pytest
 
-from sparse_workloads import MODELS, SPARSITIES, ConvCase, LinearCase, conv_layers
+from sparse_workloads import BATCH_NORM_SHAPES, MODELS, SPARSITIES, BatchNormCase, ConvCase, LinearCase, conv_layers
 
 CONVS = [(m, key) for m in MODELS for key in conv_layers(m)]
 
@@ -25,4 +26,12 @@ def test_conv_layer(benchmark, model_name, key, sparsity, impl):
 def test_linear_4096(benchmark, sparsity, impl):
     case = LinearCase(sparsity)
     benchmark.group = f"linear 4096x4096 batch 256 at {sparsity:.0%}"
+    benchmark.pedantic(getattr(case, impl), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("channels,size", BATCH_NORM_SHAPES)
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_batch_norm_relu(benchmark, channels, size, impl):
+    case = BatchNormCase(channels, size)
+    benchmark.group = f"BatchNorm+ReLU {channels}x{size}x{size} batch 128"
     benchmark.pedantic(getattr(case, impl), rounds=5, warmup_rounds=1)

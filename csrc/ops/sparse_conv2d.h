@@ -7,8 +7,8 @@
 //     values[e] belongs to entry e of this order;
 //   by input channel: col_ptr [in + 1] int64, col_taps [nnz] int32, tap = (o * kh + r) * kw + s, and
 //     col_order [nnz] int32, the position in `values` of each of these entries.
-// Activations are logically NCHW; the kernels work batch-innermost and return NCHW-shaped tensors with
-// [C, H, W, N] storage, which the next sparse layer consumes without a copy.
+// Activations are logically NCHW; the kernels work batch-innermost (batch stride 1) and return NCHW-shaped
+// tensors with [H, W, C, N] storage, which the next sparse layer consumes without a copy.
 
 #include <ATen/core/Tensor.h>
 

@@ -8,7 +8,7 @@ from graspext.nn.convert import (
     sparsify,
     sparsity_report,
 )
-from graspext.nn.layout import is_batch_innermost
+from graspext.nn.layout import is_batch_innermost, to_batch_innermost
 from graspext.nn.modules import SparseConv2d, SparseLinear
 from graspext.nn.pattern import SparsePattern
 
@@ -23,4 +23,5 @@ __all__ = [
     "LayerChoice",
     "BREAK_EVEN_DENSITY",
     "is_batch_innermost",
+    "to_batch_innermost",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from graspext.nn.layout import from_layout_module, to_layout_module
+from graspext.nn.layout import from_layout_module, fuse_batch_norm_relu, to_layout_module
 from graspext.nn.modules import SparseConv2d, SparseLinear
 
 POLICIES = ("auto", "sparse", "dense", "measure")
@@ -120,7 +120,8 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
             each layer's input shape from ``example_input``), ``"sparse"`` or ``"dense"`` (forced).
         example_input: an input batch for ``policy="measure"``.
         keep_layout: also swap BatchNorm2d and pooling layers for subclasses that keep the sparse kernels'
-            batch-innermost layout (same computation and state_dict), so layouts are converted once.
+            batch-innermost layout (same computation and state_dict), so layouts are converted once, and
+            fuse each BatchNorm2d that a Sequential runs into a ReLU (the ReLU becomes ``FusedReLU``).
         filter_fn: ``filter_fn(module, name) -> bool`` to leave some masked layers alone.
 
     Returns the converted model; ``sparsity_report(model)`` lists each layer's density and choice.
@@ -164,6 +165,7 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
             converted = to_layout_module(module)
             if converted is not module:
                 _set_submodule(out, name, converted)
+        fuse_batch_norm_relu(out)
     return out
 
 

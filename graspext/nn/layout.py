@@ -1,62 +1,157 @@
 """Batch-innermost activations through BatchNorm and pooling, so a sparse network converts layouts once.
 
-The sparse kernels return NCHW-shaped tensors with ``[C, H, W, N]`` storage. Elementwise ops keep that layout
+The sparse kernels return NCHW-shaped tensors with ``[H, W, C, N]`` storage. Elementwise ops keep that layout
 by themselves; these subclasses of the torch modules keep it through normalization and pooling too (the
 stock CPU kernels would copy to NCHW, and the next sparse layer would copy back), and keep an in-place ReLU
-from costing a full copy in the backward pass. Each one computes exactly
-what its base class computes, with the same parameters and state_dict, for any input layout.
+from costing a full copy in the backward pass. They reach torch's fast kernels by viewing the storage as a
+tensor those kernels know: ``[H*W, C, N, 1]`` NCHW-contiguous for BatchNorm, ``[1, C*N, H, W]``
+channels-last for pooling. Each one computes exactly what its base class computes, with the same
+parameters and state_dict, for any input layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graspext.ops.batch_norm import batch_norm_relu
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
 
 def is_batch_innermost(x: Tensor) -> bool:
-    """Whether a 4-D tensor is stored as ``[C, H, W, N]`` (the layout of the sparse kernels' outputs)."""
-    return x.dim() == 4 and x.shape[0] > 1 and x.permute(1, 2, 3, 0).is_contiguous()
+    """Whether a 4-D tensor is stored as ``[H, W, C, N]`` (the layout of the sparse kernels' outputs)."""
+    return x.dim() == 4 and x.shape[0] > 1 and x.permute(2, 3, 1, 0).is_contiguous()
 
 
-def _as_cnhw(x: Tensor) -> Tensor:
-    # [N, C, H, W] batch-innermost is [C, N, H, W] channels-last, which the pooling kernels run natively.
-    return x.permute(1, 0, 2, 3)
+def to_batch_innermost(x: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) with ``[H, W, C, N]`` storage: a copy unless it already is."""
+    return x.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+def _as_pooling_image(x: Tensor) -> Tensor:
+    # [H, W, C, N] storage is a channels-last [1, C*N, H, W] image, which the pooling kernels run natively.
+    # Viewed from the contiguous [1, H, W, C*N] (not reshaped) so that the batch dimension gets the stride
+    # torch's memory-format detection expects.
+    n, c, h, w = x.shape
+    return x.permute(2, 3, 1, 0).view(1, h, w, c * n).permute(0, 3, 1, 2)
+
+
+def _from_pooling_image(y: Tensor, n: int, c: int) -> Tensor:
+    return y.permute(0, 2, 3, 1).reshape(y.shape[2], y.shape[3], c, n).permute(3, 2, 0, 1)
+
+
+def _as_rows(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]] | None:
+    """A contiguous ``[P, C, L]`` view of a 4-D activation for the fused BatchNorm op, and the inverse view.
+
+    Batch-innermost storage is ``[H*W, C, N]``; NCHW-contiguous is ``[N, C, H*W]``, used only where H*W is
+    long enough for the op's inner loop to beat torch's kernels.
+    """
+    n, c, h, w = x.shape
+    if is_batch_innermost(x):
+        return x.permute(2, 3, 1, 0).reshape(h * w, c, n), lambda y: y.view(h, w, c, n).permute(3, 2, 0, 1)
+    if x.is_contiguous() and h * w >= 16:
+        return x.view(n, c, h * w), lambda y: y.view(n, c, h, w)
+    return None
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` that normalizes batch-innermost input in place of layout.
+    """``nn.BatchNorm2d`` that keeps batch-innermost input in its layout, fused with a following ReLU.
 
-    Per channel, the statistics over (N, H, W) are those over one contiguous row of ``[C, H*W*N]``: the
-    input is normalized as a ``[1, C, H*W*N, 1]`` tensor, which is the same computation.
+    In training mode on CPU it runs the fused op :func:`graspext.ops.batch_norm_relu`, which makes half the
+    passes over memory that torch's BatchNorm and ReLU kernels make. Otherwise (evaluation with running
+    statistics, other devices) it runs torch's kernel, on batch-innermost input through the equivalent
+    contiguous ``[H*W, C, N, 1]`` tensor. With ``fuse_relu`` (set by :func:`fuse_batch_norm_relu`, which
+    makes the following ReLU module an identity) the output is ``relu(batch_norm(x))``.
     """
 
+    fuse_relu = False
+
     def forward(self, x: Tensor) -> Tensor:
-        if not is_batch_innermost(x):
-            return super().forward(x)
-        n, c, h, w = x.shape
-        rows = x.permute(1, 2, 3, 0).reshape(1, c, h * w * n, 1)
-        return super().forward(rows).view(c, h, w, n).permute(3, 0, 1, 2)
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        rows = _as_rows(x) if batch_stats and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES else None
+        if rows is None:
+            y = self._torch_batch_norm(x, factor, batch_stats)
+            return F.relu(y) if self.fuse_relu else y
+        view, restore = rows
+        y, mean, var = batch_norm_relu(view, self.weight, self.bias, self.eps, self.fuse_relu)
+        if self.training and self.track_running_stats:
+            count = view.shape[0] * view.shape[2]
+            with torch.no_grad():
+                self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+                self.running_var.mul_(1 - factor).add_(var, alpha=factor * count / max(count - 1, 1))
+        return restore(y)
+
+    def _torch_batch_norm(self, x: Tensor, factor: float, batch_stats: bool) -> Tensor:
+        track = not self.training or self.track_running_stats
+        rows, restore = x, None
+        if is_batch_innermost(x):
+            n, c, h, w = x.shape
+            rows = x.permute(2, 3, 1, 0).reshape(h * w, c, n, 1)
+            restore = lambda y: y.view(h, w, c, n).permute(3, 2, 0, 1)  # noqa: E731
+        y = F.batch_norm(rows, self.running_mean if track else None, self.running_var if track else None,
+                         self.weight, self.bias, batch_stats, factor, self.eps)
+        return restore(y) if restore else y
+
+
+class FusedReLU(nn.Identity):
+    """Stands where a ReLU was fused into the BatchNorm2d before it; :func:`from_layout_module` restores it."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def extra_repr(self) -> str:
+        return "fused into the BatchNorm2d before it"
+
+
+def fuse_batch_norm_relu(model: nn.Module) -> None:
+    """Fuses each layout BatchNorm2d that an ``nn.Sequential`` runs straight into a ReLU, in place.
+
+    Only a ReLU used once in the whole model is fused: one that is also called elsewhere must stay one.
+    """
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    for seq in model.modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            bn, relu = seq._modules[first], seq._modules[second]
+            if type(bn) is BatchNorm2d and isinstance(relu, nn.ReLU) and uses[id(relu)] == 1:
+                bn.fuse_relu = True
+                seq._modules[second] = FusedReLU(relu.inplace)
 
 
 class MaxPool2d(nn.MaxPool2d):
     def forward(self, x: Tensor) -> Tensor:
         if not is_batch_innermost(x) or self.return_indices:
             return super().forward(x)
-        return _as_cnhw(super().forward(_as_cnhw(x)))
+        return _from_pooling_image(super().forward(_as_pooling_image(x)), x.shape[0], x.shape[1])
 
 
 class AvgPool2d(nn.AvgPool2d):
     def forward(self, x: Tensor) -> Tensor:
         if not is_batch_innermost(x):
             return super().forward(x)
-        return _as_cnhw(super().forward(_as_cnhw(x)))
+        return _from_pooling_image(super().forward(_as_pooling_image(x)), x.shape[0], x.shape[1])
 
 
 class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     def forward(self, x: Tensor) -> Tensor:
         if not is_batch_innermost(x):
             return super().forward(x)
-        return _as_cnhw(F.adaptive_avg_pool2d(_as_cnhw(x), self.output_size))
+        y = F.adaptive_avg_pool2d(_as_pooling_image(x), self.output_size)
+        return _from_pooling_image(y, x.shape[0], x.shape[1])
 
 
 class ReLU(nn.ReLU):
@@ -91,10 +186,13 @@ def to_layout_module(module: nn.Module) -> nn.Module:
 
 
 def from_layout_module(module: nn.Module) -> nn.Module:
-    """The inverse of :func:`to_layout_module`."""
+    """The inverse of :func:`to_layout_module` (a fused ReLU becomes ``nn.ReLU`` again)."""
+    if type(module) is FusedReLU:
+        return nn.ReLU(module.inplace)
     for base, cls in LAYOUT_MODULES.items():
         if type(module) is cls:
             plain = base.__new__(base)
             plain.__dict__ = module.__dict__.copy()
+            plain.__dict__.pop("fuse_relu", None)
             return plain
     return module

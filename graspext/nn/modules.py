@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graspext.nn.layout import to_batch_innermost
 from graspext.nn.pattern import SparsePattern
 from graspext.ops.sparse import sparse_conv2d, sparse_linear
 
@@ -217,7 +218,7 @@ class SparseConv2d(_SparseLayer):
         y = F.conv2d(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
                      self.stride, padding, self.dilation, self.groups)
         if self.emit_batch_innermost and y.shape[0] > 1:
-            y = y.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+            y = to_batch_innermost(y)
         return y
 
     def to_dense(self) -> nn.Conv2d:

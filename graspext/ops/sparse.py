@@ -1,8 +1,8 @@
 """Sparse convolution and linear products with autograd: wrappers over ``torch.ops.graspext.sparse_conv2d*``.
 
 The ops read only the kept weights (see :class:`graspext.nn.pattern.SparsePattern`) and return NCHW-shaped
-tensors with batch-innermost ``[C, H, W, N]`` storage. Elementwise ops keep that layout, and the next sparse op
-reads it without a copy; ``graspext.nn`` makes BatchNorm and pooling keep it too. A linear layer is the
+tensors with batch-innermost ``[H, W, C, N]`` storage. Elementwise ops keep that layout, and the next sparse op
+reads it (or any other input whose batch has stride 1) without a copy; ``graspext.nn`` makes BatchNorm and pooling keep it too. A linear layer is the
 same product on a 1x1 image: its input ``[N, in]`` is ``[N, in, 1, 1]``.
 """
 
@@ -130,7 +130,7 @@ def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
 
 
 def _batch_innermost_empty(like: Tensor, n: int, c: int, h: int, w: int) -> Tensor:
-    return like.new_empty_strided((n, c, h, w), (1, h * w * n, w * n, n))
+    return like.new_empty_strided((n, c, h, w), (1, n, w * c * n, c * n))
 
 
 @torch.library.register_fake("graspext::sparse_conv2d")

@@ -1,19 +1,25 @@
 """The layout-keeping BatchNorm and pooling modules compute exactly what their torch classes do."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from graspext.nn.layout import from_layout_module, is_batch_innermost, to_layout_module
-
-
-def _batch_innermost(x):
-    return x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+from graspext.nn.layout import (
+    FusedReLU,
+    from_layout_module,
+    fuse_batch_norm_relu,
+    is_batch_innermost,
+    to_batch_innermost,
+    to_layout_module,
+)
 
 
 @pytest.mark.parametrize("make", [
     lambda: nn.BatchNorm2d(5),
     lambda: nn.BatchNorm2d(5, affine=False, momentum=None),
+    lambda: nn.BatchNorm2d(5, track_running_stats=False),
     lambda: nn.MaxPool2d(2),
     lambda: nn.MaxPool2d(3, 2, 1),
     lambda: nn.AvgPool2d(2),
@@ -29,7 +35,7 @@ def test_same_results_and_layout_kept(make, training):
     kept = to_layout_module(make().double().train(training))
     assert type(kept) is not type(base) and isinstance(kept, type(base))
     x = torch.randn(6, 5, 8, 8, dtype=torch.float64)
-    xb = _batch_innermost(x).requires_grad_()
+    xb = to_batch_innermost(x).requires_grad_()
     xr = x.clone().requires_grad_()
     y, yr = kept(xb), base(xr)
     torch.testing.assert_close(y, yr)
@@ -47,14 +53,48 @@ def test_same_results_and_layout_kept(make, training):
 def test_detection():
     x = torch.randn(4, 3, 5, 5)
     assert not is_batch_innermost(x)
-    assert is_batch_innermost(_batch_innermost(x))
+    assert is_batch_innermost(to_batch_innermost(x))
     assert not is_batch_innermost(torch.randn(4, 3))
 
 
 def test_relu_after_batchnorm_needs_no_copy_in_backward():
     bn, relu = to_layout_module(nn.BatchNorm2d(5).double()), to_layout_module(nn.ReLU(inplace=True))
-    x = _batch_innermost(torch.randn(6, 5, 4, 4, dtype=torch.float64)).requires_grad_()
+    x = to_batch_innermost(torch.randn(6, 5, 4, 4, dtype=torch.float64)).requires_grad_()
     y = relu(bn(x))
     assert "CopySlices" not in type(y.grad_fn).__name__
     ref = torch.relu(nn.BatchNorm2d(5).double()(x.detach()))
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("layout", ["batch_innermost", "nchw", "channels_last"])
+def test_fused_batch_norm_relu_matches_torch(layout):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.BatchNorm2d(5), nn.ReLU(inplace=True), nn.BatchNorm2d(5), nn.ReLU()).double()
+    fused = nn.Sequential(*[to_layout_module(m) for m in copy.deepcopy(plain)])
+    fuse_batch_norm_relu(fused)
+    assert [type(m) for m in fused] == [type(fused[0]), FusedReLU, type(fused[2]), FusedReLU]
+    assert fused[0].fuse_relu and fused[2].fuse_relu
+    x = torch.randn(6, 5, 8, 8, dtype=torch.float64) * 2 + 1
+    xf = {"batch_innermost": to_batch_innermost, "nchw": lambda t: t.clone(),
+          "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last)}[layout](x).requires_grad_()
+    xr = x.clone().requires_grad_()
+    for training in (True, False):
+        plain.train(training), fused.train(training)
+        y, yr = fused(xf), plain(xr)
+        torch.testing.assert_close(y, yr)
+        grad = torch.randn_like(yr)
+        y.backward(grad)
+        yr.backward(grad)
+        torch.testing.assert_close(xf.grad, xr.grad)
+    for a, b in zip(plain.state_dict().values(), fused.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    restored = nn.Sequential(*[from_layout_module(m) for m in fused])
+    assert [type(m) for m in restored] == [nn.BatchNorm2d, nn.ReLU] * 2
+    assert restored[1].inplace and not hasattr(restored[0], "fuse_relu")
+
+
+def test_relu_used_twice_is_not_fused():
+    relu = nn.ReLU()
+    model = nn.Sequential(to_layout_module(nn.BatchNorm2d(3)), relu, nn.Conv2d(3, 3, 1), relu)
+    fuse_batch_norm_relu(model)
+    assert model[1] is relu and not model[0].fuse_relu

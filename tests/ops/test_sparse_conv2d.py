@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graspext import ops
+from graspext.nn.layout import is_batch_innermost, to_batch_innermost
 from graspext.nn.pattern import SparsePattern
 
 ISAS = ["avx512", "avx2", "baseline"]
@@ -129,7 +130,7 @@ def test_conv_any_input_layout(layout):
     elif layout == "non_contiguous":
         x = torch.cat([x, x], dim=3)[:, :, :, ::2]
     else:
-        x = x.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+        x = to_batch_innermost(x)
     _check_conv(x, weight, b, mask, 1, 1, F64)
 
 
@@ -137,7 +138,8 @@ def test_output_is_batch_innermost():
     x, weight, b, mask = _case(5, 3, 4, 6, 6, 3, 0.5, torch.float32, seed=1)
     pattern = SparsePattern.from_mask(mask)
     y = ops.sparse_conv2d(x, pattern.gather(weight), pattern, b, 1, 1)
-    assert y.permute(1, 2, 3, 0).is_contiguous()
+    assert is_batch_innermost(y)
+    assert y.permute(2, 3, 1, 0).is_contiguous()  # [H, W, C, N]
 
 
 @settings(max_examples=60, deadline=None)

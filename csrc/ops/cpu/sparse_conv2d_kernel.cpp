@@ -72,14 +72,26 @@ void check_image(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor here, got ", t.device());
 }
 
-// [N, C, H, W] (any strides) -> contiguous [C, H, W, N]; free when it already is (the output of a sparse op).
-at::Tensor batch_innermost(const at::Tensor& x) { return x.permute({1, 2, 3, 0}).contiguous(); }
-
-// An NCHW-shaped tensor with batch-innermost storage ([C, H, W, N] in memory). Allocated with these strides
-// rather than permuted, so it is no view and callers may modify it in place (e.g. ReLU(inplace=True)).
+// An NCHW-shaped tensor stored batch-innermost, as the ops write their outputs: [H, W, C, N] in memory, so that
+// one pixel's channels and samples are contiguous. (A [C, H, W, N] order would put the same pixel of every
+// channel a multiple of H*W*N*4 bytes apart: for CIFAR shapes a multiple of 128 KiB, so a block's pixels of
+// all channels would compete for the same few L2 sets.) It is also the layout in which torch's BatchNorm and
+// pooling kernels run natively (graspext.nn.layout). Allocated with these strides rather than permuted, so
+// it is no view and callers may modify it in place (e.g. ReLU(inplace=True)).
 at::Tensor empty_batch_innermost(int64_t n, int64_t c, int64_t h, int64_t w, const at::TensorOptions& options) {
-  return at::empty_strided({n, c, h, w}, {1, h * w * n, w * n, n}, options);
+  return at::empty_strided({n, c, h, w}, {1, n, w * c * n, c * n}, options);
 }
+
+// The kernels read any image whose batch has stride 1 in place (the outputs of these ops, in particular);
+// others are copied into the ops' layout once.
+at::Tensor batch_innermost(const at::Tensor& x) {
+  if (x.stride(0) == 1 || x.size(0) == 1) return x;
+  auto out = empty_batch_innermost(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
+  out.copy_(x);
+  return out;
+}
+
+cpu::ImageStrides image_strides(const at::Tensor& x) { return {x.stride(1), x.stride(2), x.stride(3)}; }
 
 // map[k * dst + d] = source index of destination d through kernel offset k, or -1 outside the source.
 // Forward: source = dst * stride - pad + k. Input gradient (transposed): source = (dst + pad - k) / stride when
@@ -218,7 +230,7 @@ void run_gather(const cpu::GatherConvArgs<T>& args, int64_t src_channels, int64_
   });
 }
 
-// An image in batch-innermost storage: [channels, h, w, batch].
+// A batch-innermost image (batch stride 1) and its [N, C, H, W] sizes but the batch.
 struct Image {
   const at::Tensor& data;
   int64_t channels, h, w;
@@ -230,7 +242,7 @@ void gather_product(const Image& src, const Image& dst, int64_t batch, int64_t k
                     const at::Tensor& ptr, const at::Tensor& tap_index, const at::Tensor& values,
                     const at::Tensor& bias, const std::vector<int32_t>& row_map, const std::vector<int32_t>& col_map,
                     int64_t col_step, int64_t block_stride_w) {
-  const auto taps = decode_taps(tap_index, kernel_h, kernel_w, src.h * src.w * batch);
+  const auto taps = decode_taps(tap_index, kernel_h, kernel_w, src.data.stride(1));
   const bool rows_direct = is_identity(row_map, kernel_h, dst.h, src.h);
   AT_DISPATCH_FLOATING_TYPES(src.data.scalar_type(), "sparse_conv2d_gather_cpu", [&] {
     cpu::GatherConvArgs<scalar_t> args{batch,
@@ -243,6 +255,8 @@ void gather_product(const Image& src, const Image& dst, int64_t batch, int64_t k
                                        kernel_w,
                                        src.data.const_data_ptr<scalar_t>(),
                                        dst.data.data_ptr<scalar_t>(),
+                                       image_strides(src.data),
+                                       image_strides(dst.data),
                                        ptr.const_data_ptr<int64_t>(),
                                        taps.base.data(),
                                        taps.r.data(),
@@ -257,7 +271,7 @@ void gather_product(const Image& src, const Image& dst, int64_t batch, int64_t k
   });
 }
 
-// Writes the forward product into `out`, whose storage is [out_channels, out_h, out_w, batch].
+// Writes the forward product into `out`, any [N, C, H, W] tensor whose batch has stride 1.
 at::Tensor& sparse_conv2d_into(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
                                const at::Tensor& row_taps, const std::optional<at::Tensor>& bias,
                                const ConvGeometry& g, at::Tensor& out) {
@@ -360,7 +374,7 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, cons
   const auto* kernels = active_kernels().load();
   const auto ranges = balanced_row_ranges(ptr, g.out_channels, at::get_num_threads());
   const int64_t scratch = max_row_nnz(ptr, g.out_channels);
-  const auto taps = decode_taps(row_taps, g.kernel_h, g.kernel_w, g.in_h * g.in_w * g.batch);
+  const auto taps = decode_taps(row_taps, g.kernel_h, g.kernel_w, x.stride(1));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d_backward_weight_cpu", [&] {
     cpu::SddmmConvArgs<scalar_t> args{g.batch,
                                       g.in_h,
@@ -371,6 +385,8 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, cons
                                       g.kernel_w,
                                       dy.const_data_ptr<scalar_t>(),
                                       x.const_data_ptr<scalar_t>(),
+                                      image_strides(dy),
+                                      image_strides(x),
                                       ptr,
                                       taps.base.data(),
                                       taps.r.data(),

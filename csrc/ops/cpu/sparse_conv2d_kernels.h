@@ -2,14 +2,20 @@
 // Interface between the sparse-convolution driver (sparse_conv2d_kernel.cpp: checks, layouts, threading) and
 // the SIMD kernels in isa/, which are compiled once per instruction set and chosen at run time.
 //
-// Layout: every image tensor is batch-innermost, [channels, height, width, batch], so that one SIMD vector
-// holds the same pixel of consecutive samples. Any stride and padding then costs the same: the kernels
-// never vectorize along a spatial axis. Stride and padding reach the kernels only through the row and
-// column maps below. Only plain types here: the isa/ files must not see library headers.
+// Layout: every image is batch-innermost (the batch has stride 1), so that one SIMD vector holds the same
+// pixel of consecutive samples. Any stride and padding then costs the same: the kernels never vectorize
+// along a spatial axis. Stride and padding reach the kernels only through the row and column maps below;
+// the other strides of the images are free (the ops write [height, width, channels, batch]).
+// Only plain types here: the isa/ files must not see library headers.
 
 #include <cstdint>
 
 namespace graspext::cpu {
+
+// Elements between consecutive channels, rows and columns of a batch-innermost image.
+struct ImageStrides {
+  int64_t channel, row, pixel;
+};
 
 // dst[row, y, x, :] = bias[row] + sum over the entries e of CSR row `row` of value(e) * src[c, sy, sx, :],
 // where entry e reads source channel c through kernel tap (r, s) (decoded once per call by the driver),
@@ -25,8 +31,9 @@ struct GatherConvArgs {
   int64_t kernel_h, kernel_w;
   const T* src;
   T* dst;
+  ImageStrides src_strides, dst_strides;
   const int64_t* row_ptr;      // [dst_rows + 1]
-  const int64_t* tap_base;     // [nnz]: offset of the entry's source channel, c * src_h * src_w * batch
+  const int64_t* tap_base;     // [nnz]: offset of the entry's source channel, c * src_strides.channel
   const int32_t* tap_r;        // [nnz]: kernel row r of the entry
   const int32_t* tap_s;        // [nnz]: kernel column s of the entry
   const T* values;             // [nnz], in the order of the entries
@@ -46,10 +53,11 @@ struct SddmmConvArgs {
   int64_t in_h, in_w;
   int64_t out_h, out_w;
   int64_t kernel_h, kernel_w;
-  const T* grad_output;  // [rows, out_h, out_w, batch]
-  const T* input;        // [channels, in_h, in_w, batch]
+  const T* grad_output;  // [rows, out_h, out_w, batch] through go_strides
+  const T* input;        // [channels, in_h, in_w, batch] through in_strides
+  ImageStrides go_strides, in_strides;
   const int64_t* row_ptr;
-  const int64_t* tap_base;  // [nnz]: c * in_h * in_w * batch
+  const int64_t* tap_base;  // [nnz]: c * in_strides.channel
   const int32_t* tap_r;     // [nnz]
   const int32_t* tap_s;     // [nnz]
   const int32_t* row_map;  // [kernel_h, out_h]

@@ -8,7 +8,7 @@
 // of its own per instruction set for the same reason.
 //
 // Register tiles: kPos consecutive output positions times kVecs vectors of the batch. A pixel of one
-// channel is `batch` contiguous values, so a tile as wide as the batch reads whole cache lines and no
+// channel is `batch` contiguous values (`pixel` elements apart from the next column's), so a tile as wide as the batch reads whole cache lines and no
 // line is fetched twice; the position count then fills the register file (accumulators: 16 of AVX-512's
 // 32 registers, 8 of the 16 that AVX2 and SSE have).
 
@@ -121,18 +121,18 @@ inline bool tile_is_interior(const int32_t* col_map, int64_t kernel_w, int64_t d
 // The source pixel position p of a tile reads through one tap (`cmap` is the tap column's map from x0 on):
 // the zero block where it falls into the padding.
 template <typename T, bool kInterior>
-inline const T* tap_pixel(const T* src_row, const int32_t* cmap, int p, int64_t batch, int64_t step) {
-  if constexpr (kInterior) return src_row + (static_cast<int64_t>(cmap[0]) + p * step) * batch;
+inline const T* tap_pixel(const T* src_row, const int32_t* cmap, int p, int64_t pixel, int64_t step) {
+  if constexpr (kInterior) return src_row + (static_cast<int64_t>(cmap[0]) + p * step) * pixel;
   const int32_t sx = cmap[p];
-  return sx >= 0 ? src_row + static_cast<int64_t>(sx) * batch : ZeroBlock<T>::values;
+  return sx >= 0 ? src_row + static_cast<int64_t>(sx) * pixel : ZeroBlock<T>::values;
 }
 
 // One tile of destination row y: positions x0 .. x0 + npos - 1 (npos <= kPos) and one batch tile. With
 // kInterior (tile_is_interior), position p reads source column cmap[0] + p * step.
 template <typename T, int kPos, int kVecs, bool kFull, bool kInterior>
-inline void gather_tile(const T* src, int64_t batch, const TapScratch<T>& taps, int64_t ntaps,
+inline void gather_tile(const T* src, int64_t src_pixel, const TapScratch<T>& taps, int64_t ntaps,
                         const int32_t* col_map, int64_t dst_w, int64_t x0, int npos, int64_t step, BatchTile bt,
-                        T bias, T* dst) {
+                        T bias, T* dst, int64_t dst_pixel) {
   using V = Vec<T>;
   using v_t = typename V::type;
   v_t acc[kPos][kVecs];
@@ -148,7 +148,7 @@ inline void gather_tile(const T* src, int64_t batch, const TapScratch<T>& taps, 
 #pragma GCC unroll 16
     for (int p = 0; p < kPos; ++p) {
       if (!kInterior && p >= npos) break;
-      const T* px = tap_pixel<T, kInterior>(src_row, cmap, p, batch, step);
+      const T* px = tap_pixel<T, kInterior>(src_row, cmap, p, src_pixel, step);
 #pragma GCC unroll 16
       for (int b = 0; b < kVecs; ++b) {
         if (!kFull && b >= bt.nvec) break;
@@ -160,7 +160,7 @@ inline void gather_tile(const T* src, int64_t batch, const TapScratch<T>& taps, 
 #pragma GCC unroll 16
   for (int p = 0; p < kPos; ++p) {
     if (p >= npos) break;
-    T* out = dst + (x0 + p) * batch;
+    T* out = dst + (x0 + p) * dst_pixel;
 #pragma GCC unroll 16
     for (int b = 0; b < kVecs; ++b) {
       if (!kFull && b >= bt.nvec) break;
@@ -173,7 +173,7 @@ template <typename T, int kPos, int kVecs>
 void gather_items(const GatherConvArgs<T>& a, CacheBlocking blk, int64_t item_begin, int64_t item_end,
                   TapScratch<T> taps) {
   constexpr int64_t kTile = kVecs * Vec<T>::kWidth;
-  const int64_t src_row_stride = a.src_w * a.batch;
+  const int64_t src_row_stride = a.src_strides.row;
   const int64_t x_blocks = (a.dst_w + blk.x_block - 1) / blk.x_block;
   for (int64_t item = item_begin; item < item_end; ++item) {
     int64_t rest = item;
@@ -198,7 +198,7 @@ void gather_items(const GatherConvArgs<T>& a, CacheBlocking blk, int64_t item_be
                                a.row_map, taps);
     }
     const T bias = a.bias ? a.bias[row] : T(0);
-    T* dst_row = a.dst + ((row * a.dst_h + y) * a.dst_w) * a.batch;
+    T* dst_row = a.dst + row * a.dst_strides.channel + y * a.dst_strides.row;
     const int64_t n_end = min64(a.batch, (chunk + 1) * blk.batch_chunk);
     const int64_t x_end = min64(a.dst_w, (xb + 1) * blk.x_block);
     for (int64_t n = chunk * blk.batch_chunk; n < n_end; n += kTile) {
@@ -209,15 +209,16 @@ void gather_items(const GatherConvArgs<T>& a, CacheBlocking blk, int64_t item_be
         const bool interior = tile_is_interior(a.col_map, a.kernel_w, a.dst_w, x0, npos, kPos, a.col_step);
         const T* s_n = src + n;
         T* d_n = dst_row + n;
+        const int64_t sp = a.src_strides.pixel, dp = a.dst_strides.pixel;
         if (count == kTile && interior) {
-          gather_tile<T, kPos, kVecs, true, true>(s_n, a.batch, row_taps, ntaps, a.col_map, a.dst_w, x0, npos,
-                                                  a.col_step, bt, bias, d_n);
+          gather_tile<T, kPos, kVecs, true, true>(s_n, sp, row_taps, ntaps, a.col_map, a.dst_w, x0, npos, a.col_step,
+                                                  bt, bias, d_n, dp);
         } else if (count == kTile) {
-          gather_tile<T, kPos, kVecs, true, false>(s_n, a.batch, row_taps, ntaps, a.col_map, a.dst_w, x0, npos,
-                                                   a.col_step, bt, bias, d_n);
+          gather_tile<T, kPos, kVecs, true, false>(s_n, sp, row_taps, ntaps, a.col_map, a.dst_w, x0, npos, a.col_step,
+                                                   bt, bias, d_n, dp);
         } else {
-          gather_tile<T, kPos, kVecs, false, false>(s_n, a.batch, row_taps, ntaps, a.col_map, a.dst_w, x0, npos,
-                                                    a.col_step, bt, bias, d_n);
+          gather_tile<T, kPos, kVecs, false, false>(s_n, sp, row_taps, ntaps, a.col_map, a.dst_w, x0, npos,
+                                                    a.col_step, bt, bias, d_n, dp);
         }
       }
     }
@@ -280,7 +281,8 @@ void gather(const GatherConvArgs<T>& a, CacheBlocking blk, int64_t item_begin, i
 // ---- Sampled product (weight gradient) ---------------------------------------------------------------
 
 template <typename T, int kPos, int kVecs, bool kFull, bool kInterior>
-inline void sddmm_tile(const T* go, const T* in, int64_t batch, const TapScratch<T>& taps, int64_t ntaps,
+inline void sddmm_tile(const T* go, int64_t go_pixel, const T* in, int64_t in_pixel, const TapScratch<T>& taps,
+                       int64_t ntaps,
                        const int32_t* col_map, int64_t out_w, int64_t x0, int npos, int64_t step, BatchTile bt,
                        typename Vec<T>::type* partial, bool single_pass) {
   using V = Vec<T>;
@@ -293,7 +295,7 @@ inline void sddmm_tile(const T* go, const T* in, int64_t batch, const TapScratch
 #pragma GCC unroll 16
     for (int b = 0; b < kVecs; ++b) {
       g[p][b] = V::splat(T(0));
-      if (p < npos && (kFull || b < bt.nvec)) g[p][b] = load_block<T, kFull>(go + (x0 + p) * batch, b, bt);
+      if (p < npos && (kFull || b < bt.nvec)) g[p][b] = load_block<T, kFull>(go + (x0 + p) * go_pixel, b, bt);
     }
 
   for (int64_t j = 0; j < ntaps; ++j) {
@@ -305,7 +307,7 @@ inline void sddmm_tile(const T* go, const T* in, int64_t batch, const TapScratch
 #pragma GCC unroll 16
     for (int p = 0; p < kPos; ++p) {
       if (!kInterior && p >= npos) break;
-      const T* px = tap_pixel<T, kInterior>(in_row, cmap, p, batch, step);
+      const T* px = tap_pixel<T, kInterior>(in_row, cmap, p, in_pixel, step);
 #pragma GCC unroll 16
       for (int b = 0; b < kVecs; ++b) {
         if (!kFull && b >= bt.nvec) break;
@@ -332,7 +334,7 @@ void sddmm_rows(const SddmmConvArgs<T>& a, CacheBlocking blk, int64_t row_begin,
   constexpr int64_t kTile = kVecs * V::kWidth;
   const int64_t e_begin = a.row_ptr[row_begin];
   const int64_t e_end = a.row_ptr[row_end];
-  const int64_t in_row_stride = a.in_w * a.batch;
+  const int64_t in_row_stride = a.in_strides.row;
   v_t* partial = reinterpret_cast<v_t*>(partial_storage);
   // One tile covers each whole dot product (a linear layer whose batch fits the tile): the sums go straight
   // to grad_values. Otherwise each entry's vector of partial sums waits in `partial` between tiles.
@@ -365,23 +367,25 @@ void sddmm_rows(const SddmmConvArgs<T>& a, CacheBlocking blk, int64_t row_begin,
             for (int64_t j = 0; j < ntaps; ++j) taps.entry[j] -= static_cast<int32_t>(e_begin);
           }
           if (ntaps == 0) continue;
-          const T* go_row = a.grad_output + ((row * a.out_h + y) * a.out_w) * a.batch;
+          const T* go_row = a.grad_output + row * a.go_strides.channel + y * a.go_strides.row;
           for (int64_t n = n_begin; n < n_end; n += kTile) {
             const int64_t count = min64(kTile, n_end - n);
             const BatchTile bt = batch_tile<T>(count);
             for (int64_t x0 = xb; x0 < x_end; x0 += kPos) {
               const int npos = static_cast<int>(min64(kPos, x_end - x0));
               const bool interior = tile_is_interior(a.col_map, a.kernel_w, a.out_w, x0, npos, kPos, a.col_step);
+              const T* go = go_row + n;
+              const T* in = input + n;
+              const int64_t gp = a.go_strides.pixel, ip = a.in_strides.pixel;
               if (count == kTile && interior) {
-                sddmm_tile<T, kPos, kVecs, true, true>(go_row + n, input + n, a.batch, row_taps, ntaps, a.col_map,
-                                                       a.out_w, x0, npos, a.col_step, bt, row_partial, single_pass);
+                sddmm_tile<T, kPos, kVecs, true, true>(go, gp, in, ip, row_taps, ntaps, a.col_map, a.out_w, x0, npos,
+                                                       a.col_step, bt, row_partial, single_pass);
               } else if (count == kTile) {
-                sddmm_tile<T, kPos, kVecs, true, false>(go_row + n, input + n, a.batch, row_taps, ntaps, a.col_map,
-                                                        a.out_w, x0, npos, a.col_step, bt, row_partial, single_pass);
+                sddmm_tile<T, kPos, kVecs, true, false>(go, gp, in, ip, row_taps, ntaps, a.col_map, a.out_w, x0, npos,
+                                                        a.col_step, bt, row_partial, single_pass);
               } else {
-                sddmm_tile<T, kPos, kVecs, false, false>(go_row + n, input + n, a.batch, row_taps, ntaps,
-                                                         a.col_map, a.out_w, x0, npos, a.col_step, bt, row_partial,
-                                                         single_pass);
+                sddmm_tile<T, kPos, kVecs, false, false>(go, gp, in, ip, row_taps, ntaps, a.col_map, a.out_w, x0,
+                                                         npos, a.col_step, bt, row_partial, single_pass);
               }
             }
           }

@@ -1,0 +1,363 @@
+// CPU kernels of the fused training-mode BatchNorm (+ ReLU) ops (schemas in ops/batch_norm_relu.cpp).
+//
+// The input is a contiguous [P, C, L] tensor. Each pass walks it in order, P split into a fixed number of
+// blocks so that the per-channel sums are reduced in the same order whatever the thread count (training
+// stays bit-for-bit reproducible). The loops are compiled for AVX-512, AVX2+FMA and baseline x86-64, and the
+// loader picks one for the CPU at hand (GCC target_clones).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace graspext::ops {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GRASPEXT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GRASPEXT_CLONES
+#endif
+#define GRASPEXT_INLINE inline __attribute__((always_inline))
+
+constexpr int kLanes = 16;     // independent partial sums per row: one AVX-512 vector of floats
+constexpr int64_t kBlocks = 64;  // fixed split of P for the per-channel sums (not the thread count)
+
+// One channel-row of L values: sum and sum of squares of (x - shift), in T, across kLanes partial sums.
+template <typename T>
+GRASPEXT_INLINE void row_moments(const T* __restrict x, int64_t n, T shift, T& sum, T& sq) {
+  T s[kLanes] = {}, q[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const T d = x[i + k] - shift;
+      s[k] += d;
+      q[k] += d * d;
+    }
+  T ts = 0, tq = 0;
+  for (; i < n; ++i) {
+    const T d = x[i] - shift;
+    ts += d;
+    tq += d * d;
+  }
+  for (int k = 0; k < kLanes; ++k) {
+    ts += s[k];
+    tq += q[k];
+  }
+  sum = ts;
+  sq = tq;
+}
+
+// Rows [p0, p1): per channel, the sums of (x - shift[c]) and of its square, added to sum/sq (double).
+template <typename T>
+GRASPEXT_INLINE void moments_impl(const T* x, int64_t p0, int64_t p1, int64_t C, int64_t L, const T* shift,
+                                  double* sum, double* sq) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t c = 0; c < C; ++c) {
+      T s, q;
+      row_moments(x + (p * C + c) * L, L, shift[c], s, q);
+      sum[c] += s;
+      sq[c] += q;
+    }
+}
+
+// y = x * scale[c] + offset[c], then max(y, 0) with relu.
+template <typename T>
+GRASPEXT_INLINE void normalize_impl(const T* __restrict x, T* __restrict y, int64_t p0, int64_t p1, int64_t C,
+                                    int64_t L, const T* scale, const T* offset, bool relu) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t c = 0; c < C; ++c) {
+      const T a = scale[c], b = offset[c];
+      const T* xr = x + (p * C + c) * L;
+      T* yr = y + (p * C + c) * L;
+      if (relu) {
+        for (int64_t l = 0; l < L; ++l) {
+          const T v = xr[l] * a + b;
+          yr[l] = v > T(0) ? v : T(0);
+        }
+      } else {
+        for (int64_t l = 0; l < L; ++l) yr[l] = xr[l] * a + b;
+      }
+    }
+}
+
+// Per channel, with g = dy masked by out > 0 (relu) or dy: sums of g and of g * (x - mean[c]).
+template <typename T>
+GRASPEXT_INLINE void grad_sums_impl(const T* __restrict dy, const T* __restrict x, const T* __restrict out,
+                                    int64_t p0, int64_t p1, int64_t C, int64_t L, const T* mean, bool relu,
+                                    double* sum_g, double* sum_gx) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t o = (p * C + c) * L;
+      const T m = mean[c];
+      T s[kLanes] = {}, q[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= L; i += kLanes)
+        for (int k = 0; k < kLanes; ++k) {
+          const T g = relu && !(out[o + i + k] > T(0)) ? T(0) : dy[o + i + k];
+          s[k] += g;
+          q[k] += g * (x[o + i + k] - m);
+        }
+      T ts = 0, tq = 0;
+      for (; i < L; ++i) {
+        const T g = relu && !(out[o + i] > T(0)) ? T(0) : dy[o + i];
+        ts += g;
+        tq += g * (x[o + i] - m);
+      }
+      for (int k = 0; k < kLanes; ++k) {
+        ts += s[k];
+        tq += q[k];
+      }
+      sum_g[c] += ts;
+      sum_gx[c] += tq;
+    }
+}
+
+// dx = a[c] * g + k[c] * x + b[c] (the BatchNorm input gradient, expanded per channel).
+template <typename T>
+GRASPEXT_INLINE void grad_input_impl(const T* __restrict dy, const T* __restrict x, const T* __restrict out,
+                                     T* __restrict dx, int64_t p0, int64_t p1, int64_t C, int64_t L, const T* a,
+                                     const T* k, const T* b, bool relu) {
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t o = (p * C + c) * L;
+      const T ac = a[c], kc = k[c], bc = b[c];
+      if (relu) {
+        for (int64_t l = 0; l < L; ++l) {
+          const T g = out[o + l] > T(0) ? dy[o + l] : T(0);
+          dx[o + l] = ac * g + kc * x[o + l] + bc;
+        }
+      } else {
+        for (int64_t l = 0; l < L; ++l) dx[o + l] = ac * dy[o + l] + kc * x[o + l] + bc;
+      }
+    }
+}
+
+// The instruction-set clones, one per dtype (target_clones takes plain functions, not templates).
+#define GRASPEXT_DEFINE_KERNELS(T, suffix)                                                                     \
+  GRASPEXT_CLONES void moments_##suffix(const T* x, int64_t p0, int64_t p1, int64_t C, int64_t L,             \
+                                        const T* shift, double* sum, double* sq) {                            \
+    moments_impl<T>(x, p0, p1, C, L, shift, sum, sq);                                                         \
+  }                                                                                                            \
+  GRASPEXT_CLONES void normalize_##suffix(const T* x, T* y, int64_t p0, int64_t p1, int64_t C, int64_t L,     \
+                                          const T* scale, const T* offset, bool relu) {                       \
+    normalize_impl<T>(x, y, p0, p1, C, L, scale, offset, relu);                                                \
+  }                                                                                                            \
+  GRASPEXT_CLONES void grad_sums_##suffix(const T* dy, const T* x, const T* out, int64_t p0, int64_t p1,      \
+                                          int64_t C, int64_t L, const T* mean, bool relu, double* sum_g,      \
+                                          double* sum_gx) {                                                    \
+    grad_sums_impl<T>(dy, x, out, p0, p1, C, L, mean, relu, sum_g, sum_gx);                                   \
+  }                                                                                                            \
+  GRASPEXT_CLONES void grad_input_##suffix(const T* dy, const T* x, const T* out, T* dx, int64_t p0,          \
+                                           int64_t p1, int64_t C, int64_t L, const T* a, const T* k,          \
+                                           const T* b, bool relu) {                                            \
+    grad_input_impl<T>(dy, x, out, dx, p0, p1, C, L, a, k, b, relu);                                           \
+  }
+
+GRASPEXT_DEFINE_KERNELS(float, f32)
+GRASPEXT_DEFINE_KERNELS(double, f64)
+#undef GRASPEXT_DEFINE_KERNELS
+
+void moments(const float* x, int64_t p0, int64_t p1, int64_t C, int64_t L, const float* shift, double* s,
+             double* q) {
+  moments_f32(x, p0, p1, C, L, shift, s, q);
+}
+void moments(const double* x, int64_t p0, int64_t p1, int64_t C, int64_t L, const double* shift, double* s,
+             double* q) {
+  moments_f64(x, p0, p1, C, L, shift, s, q);
+}
+void normalize(const float* x, float* y, int64_t p0, int64_t p1, int64_t C, int64_t L, const float* a,
+               const float* b, bool relu) {
+  normalize_f32(x, y, p0, p1, C, L, a, b, relu);
+}
+void normalize(const double* x, double* y, int64_t p0, int64_t p1, int64_t C, int64_t L, const double* a,
+               const double* b, bool relu) {
+  normalize_f64(x, y, p0, p1, C, L, a, b, relu);
+}
+void grad_sums(const float* dy, const float* x, const float* out, int64_t p0, int64_t p1, int64_t C, int64_t L,
+               const float* mean, bool relu, double* sg, double* sgx) {
+  grad_sums_f32(dy, x, out, p0, p1, C, L, mean, relu, sg, sgx);
+}
+void grad_sums(const double* dy, const double* x, const double* out, int64_t p0, int64_t p1, int64_t C,
+               int64_t L, const double* mean, bool relu, double* sg, double* sgx) {
+  grad_sums_f64(dy, x, out, p0, p1, C, L, mean, relu, sg, sgx);
+}
+void input_grad(const float* dy, const float* x, const float* out, float* dx, int64_t p0, int64_t p1, int64_t C,
+                int64_t L, const float* a, const float* k, const float* b, bool relu) {
+  grad_input_f32(dy, x, out, dx, p0, p1, C, L, a, k, b, relu);
+}
+void input_grad(const double* dy, const double* x, const double* out, double* dx, int64_t p0, int64_t p1,
+                int64_t C, int64_t L, const double* a, const double* k, const double* b, bool relu) {
+  grad_input_f64(dy, x, out, dx, p0, p1, C, L, a, k, b, relu);
+}
+
+// Rows [0, P) in kBlocks nearly equal ranges; block b is [bounds(b), bounds(b + 1)).
+int64_t block_bound(int64_t P, int64_t blocks, int64_t b) { return P * b / blocks; }
+
+// Runs fn(p0, p1, sum_a, sum_b) over every block in parallel, each block adding into its own zeroed pair of
+// [C] double arrays, then adds the blocks in order: deterministic for any number of threads.
+template <typename Fn>
+std::pair<std::vector<double>, std::vector<double>> blocked_channel_sums(int64_t P, int64_t C, const Fn& fn) {
+  const int64_t blocks = std::min(P, kBlocks);
+  std::vector<double> partial(static_cast<size_t>(blocks * 2 * C), 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double* part = partial.data() + b * 2 * C;
+      fn(block_bound(P, blocks, b), block_bound(P, blocks, b + 1), part, part + C);
+    }
+  });
+  std::vector<double> a(C, 0.0), s(C, 0.0);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] += partial[b * 2 * C + c];
+      s[c] += partial[b * 2 * C + C + c];
+    }
+  return {std::move(a), std::move(s)};
+}
+
+template <typename Fn>
+void parallel_rows(int64_t P, int64_t C, int64_t L, const Fn& fn) {
+  // About 64 KiB of float32 per task.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, C * L));
+  at::parallel_for(0, P, grain, fn);
+}
+
+void check_input(const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 3, "input must be 3-D [P, C, L] (positions, channels, inner), got shape ",
+              input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(input.is_contiguous(), "input must be contiguous [P, C, L]");
+  TORCH_CHECK(input.size(0) * input.size(2) > 1, "input must have more than one value per channel, got shape ",
+              input.sizes());
+}
+
+void check_channel_vector(const std::optional<at::Tensor>& t, const at::Tensor& input, const char* name) {
+  if (!t) return;
+  TORCH_CHECK(t->dim() == 1 && t->numel() == input.size(1), name, " must have shape [", input.size(1),
+              "] (one per channel), got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == input.scalar_type(), name, " has dtype ", t->scalar_type(),
+              " but input has ", input.scalar_type());
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor here, got ", t->device());
+}
+
+template <typename T>
+std::vector<T> channel_values(const std::optional<at::Tensor>& t, int64_t C, T fallback) {
+  std::vector<T> out(C, fallback);
+  if (t) {
+    const auto v = t->contiguous();
+    const T* p = v.const_data_ptr<T>();
+    std::copy(p, p + C, out.begin());
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(const at::Tensor& input,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   double eps, bool relu) {
+  check_input(input);
+  check_channel_vector(weight, input, "weight");
+  check_channel_vector(bias, input, "bias");
+  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
+  const int64_t P = input.size(0), C = input.size(1), L = input.size(2);
+  const double count = static_cast<double>(P * L);
+  auto out = at::empty_like(input);
+  auto mean = at::empty({C}, input.options());
+  auto var = at::empty({C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_cpu", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    // Sums shifted by each channel's first value, so that a large mean does not drown the variance.
+    std::vector<scalar_t> shift(C);
+    for (int64_t c = 0; c < C; ++c) shift[c] = x[c * L];
+    const auto [sum, sq] = blocked_channel_sums(P, C, [&](int64_t p0, int64_t p1, double* s, double* q) {
+      moments(x, p0, p1, C, L, shift.data(), s, q);
+    });
+    const auto w = channel_values<scalar_t>(weight, C, 1);
+    const auto b = channel_values<scalar_t>(bias, C, 0);
+    std::vector<scalar_t> scale(C), offset(C);
+    auto* m = mean.data_ptr<scalar_t>();
+    auto* v = var.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = sum[c] / count;
+      const double var_c = std::max(0.0, sq[c] / count - d * d);
+      const double mean_c = shift[c] + d;
+      const double invstd = 1.0 / std::sqrt(var_c + eps);
+      m[c] = static_cast<scalar_t>(mean_c);
+      v[c] = static_cast<scalar_t>(var_c);
+      scale[c] = static_cast<scalar_t>(w[c] * invstd);
+      offset[c] = static_cast<scalar_t>(b[c] - mean_c * w[c] * invstd);
+    }
+    scalar_t* y = out.data_ptr<scalar_t>();
+    parallel_rows(P, C, L, [&](int64_t p0, int64_t p1) {
+      normalize(x, y, p0, p1, C, L, scale.data(), offset.data(), relu);
+    });
+  });
+  return {out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var, double eps, bool relu) {
+  check_input(input);
+  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
+              "grad_out must match input (", input.scalar_type(), " of shape ", input.sizes(), "), got ",
+              grad_out.scalar_type(), " of shape ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == input.sizes() && out.scalar_type() == input.scalar_type(),
+              "out must match input (", input.scalar_type(), " of shape ", input.sizes(), "), got ",
+              out.scalar_type(), " of shape ", out.sizes());
+  check_channel_vector(weight, input, "weight");
+  check_channel_vector(mean, input, "mean");
+  check_channel_vector(var, input, "var");
+  const int64_t P = input.size(0), C = input.size(1), L = input.size(2);
+  const double count = static_cast<double>(P * L);
+  const auto dy_c = grad_out.contiguous();
+  const auto out_c = out.contiguous();
+  auto grad_input = at::empty_like(input);
+  auto grad_weight = at::empty({C}, input.options());
+  auto grad_bias = at::empty({C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* dy = dy_c.const_data_ptr<scalar_t>();
+    const scalar_t* y = out_c.const_data_ptr<scalar_t>();
+    const auto m = channel_values<scalar_t>(mean, C, 0);
+    const auto v = channel_values<scalar_t>(var, C, 0);
+    const auto w = channel_values<scalar_t>(weight, C, 1);
+    const auto [sum_g, sum_gx] = blocked_channel_sums(P, C, [&](int64_t p0, int64_t p1, double* s, double* q) {
+      grad_sums(dy, x, y, p0, p1, C, L, m.data(), relu, s, q);
+    });
+    // dx = w * invstd * (g - sum_g / M - xhat * sum(g * xhat) / M), with xhat = (x - mean) * invstd,
+    // expanded to a * g + k * x + b per channel.
+    std::vector<scalar_t> a(C), k(C), b(C);
+    auto* gw = grad_weight.data_ptr<scalar_t>();
+    auto* gb = grad_bias.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double invstd = 1.0 / std::sqrt(static_cast<double>(v[c]) + eps);
+      const double sum_g_xhat = sum_gx[c] * invstd;
+      const double ac = w[c] * invstd;
+      const double kc = -ac * invstd * sum_g_xhat / count;
+      a[c] = static_cast<scalar_t>(ac);
+      k[c] = static_cast<scalar_t>(kc);
+      b[c] = static_cast<scalar_t>(-ac * sum_g[c] / count - kc * m[c]);
+      gw[c] = static_cast<scalar_t>(sum_g_xhat);
+      gb[c] = static_cast<scalar_t>(sum_g[c]);
+    }
+    scalar_t* dx = grad_input.data_ptr<scalar_t>();
+    parallel_rows(P, C, L, [&](int64_t p0, int64_t p1) {
+      input_grad(dy, x, y, dx, p0, p1, C, L, a.data(), k.data(), b.data(), relu);
+    });
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(graspext, CPU, m) {
+  m.impl("batch_norm_relu", &batch_norm_relu_cpu);
+  m.impl("batch_norm_relu_backward", &batch_norm_relu_backward_cpu);
+}
+
+}  // namespace graspext::ops

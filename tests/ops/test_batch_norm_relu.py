@@ -1,0 +1,119 @@
+"""The fused BatchNorm (+ ReLU) op against F.batch_norm (and F.relu) in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from graspext import ops
+
+
+def _reference(x, weight, bias, eps, relu):
+    y = F.batch_norm(x.unsqueeze(-1), None, None, weight, bias, True, 0.1, eps).squeeze(-1)
+    return F.relu(y) if relu else y
+
+
+def _check(x, weight, bias, eps, relu, tol):
+    xs = x.clone().requires_grad_()
+    ws = weight.clone().requires_grad_() if weight is not None else None
+    bs = bias.clone().requires_grad_() if bias is not None else None
+    y, mean, var = ops.batch_norm_relu(xs, ws, bs, eps, relu)
+    xr = x.clone().requires_grad_()
+    wr = weight.clone().requires_grad_() if weight is not None else None
+    br = bias.clone().requires_grad_() if bias is not None else None
+    yr = _reference(xr, wr, br, eps, relu)
+    torch.testing.assert_close(y, yr, **tol)
+    torch.testing.assert_close(mean, x.mean((0, 2)), **tol)
+    torch.testing.assert_close(var, x.var((0, 2), unbiased=False), **tol)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    yr.backward(grad)
+    torch.testing.assert_close(xs.grad, xr.grad, **tol)
+    for ours, ref in ((ws, wr), (bs, br)):
+        if ours is not None:
+            torch.testing.assert_close(ours.grad, ref.grad, **tol)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    p=st.integers(1, 9), c=st.integers(1, 7), length=st.integers(1, 40), relu=st.booleans(), affine=st.booleans(),
+    offset=st.sampled_from([0.0, 3.0, -50.0]), seed=st.integers(0, 2**16),
+)
+def test_matches_torch_float64(p, c, length, relu, affine, offset, seed):
+    if p * length < 2:
+        return  # one value per channel has no variance; rejected (test_rejects_bad_input)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(p, c, length, generator=g, dtype=torch.float64) * 2 + offset
+    weight = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
+    bias = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
+    _check(x, weight, bias, 1e-5, relu, {})
+
+
+@pytest.mark.parametrize("shape", [(1024, 16, 128), (16, 64, 128), (128, 8, 64), (4, 3, 2)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_matches_torch_float32(shape, relu):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g) * 3 + 1
+    c = shape[1]
+    _check(x, torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), 1e-5, relu, dict(rtol=1e-4, atol=1e-4))
+
+
+def test_variance_survives_a_large_mean():
+    # Sums are taken around each channel's first value: E[x^2] - E[x]^2 in float32 would lose the variance.
+    x = torch.randn(64, 4, 128, dtype=torch.float64) * 0.01 + 1e4
+    _, _, var = ops.batch_norm_relu(x.float(), None, None, 1e-5, False)
+    torch.testing.assert_close(var.double(), x.float().double().var((0, 2), unbiased=False), rtol=1e-3, atol=0)
+
+
+def test_deterministic_across_thread_counts():
+    x = torch.randn(300, 8, 32)
+    grad = torch.randn_like(x)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xs = x.clone().requires_grad_()
+            y, mean, var = ops.batch_norm_relu(xs, None, None, 1e-5, True)
+            y.backward(grad)
+            results.append((y, mean, var, xs.grad))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_gradcheck():
+    x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    for relu in (False, True):
+        assert torch.autograd.gradcheck(lambda *a, relu=relu: ops.batch_norm_relu(*a, 1e-5, relu)[0], (x, w, b))
+
+
+def test_opcheck():
+    x = torch.randn(4, 3, 6, requires_grad=True)
+    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    for relu in (False, True):
+        torch.library.opcheck(torch.ops.graspext.batch_norm_relu.default, (x, w, b, 1e-5, relu))
+        torch.library.opcheck(torch.ops.graspext.batch_norm_relu.default, (x, None, None, 1e-5, relu))
+    y, mean, var = torch.ops.graspext.batch_norm_relu(x.detach(), w.detach(), b.detach(), 1e-5, True)
+    torch.library.opcheck(torch.ops.graspext.batch_norm_relu_backward.default,
+                          (torch.randn_like(y), x.detach(), y, w.detach(), mean, var, 1e-5, True))
+
+
+def test_rejects_bad_input():
+    x = torch.randn(4, 3, 6)
+    with pytest.raises(ValueError, match="3-D"):
+        ops.batch_norm_relu(x[0], None, None)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ops.batch_norm_relu(x, torch.ones(4), None)
+    with pytest.raises(ValueError, match="more than one value"):
+        ops.batch_norm_relu(torch.randn(1, 3, 1), None, None)
+    with pytest.raises(RuntimeError, match="weight has dtype"):
+        ops.batch_norm_relu(x, torch.ones(3, dtype=torch.float64), None)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.batch_norm_relu(x.half(), None, None)
+    with pytest.raises(RuntimeError, match="eps must be"):
+        ops.batch_norm_relu(x, None, None, -1.0)
