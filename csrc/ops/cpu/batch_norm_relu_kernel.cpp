@@ -10,7 +10,9 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace graspext::ops {
@@ -23,29 +25,41 @@ namespace {
 #endif
 #define GRASPEXT_INLINE inline __attribute__((always_inline))
 
-constexpr int kLanes = 16;     // independent partial sums per row: one AVX-512 vector of floats
 constexpr int64_t kBlocks = 64;  // fixed split of P for the per-channel sums (not the thread count)
 
-// One channel-row of L values: sum and sum of squares of (x - shift), in T, across kLanes partial sums.
+// 64 bytes of T as a GCC vector: each clone lowers it to the registers its instruction set has (one zmm,
+// two ymm, four xmm), where auto-vectorized reductions came out as scalar shuffles.
 template <typename T>
-GRASPEXT_INLINE void row_moments(const T* __restrict x, int64_t n, T shift, T& sum, T& sq) {
-  T s[kLanes] = {}, q[kLanes] = {};
+struct Vec {
+  static constexpr int kWidth = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(64)));
+  typedef T unaligned __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+  static GRASPEXT_INLINE type load(const T* p) { return *reinterpret_cast<const unaligned*>(p); }
+  static GRASPEXT_INLINE void store(T* p, type v) { *reinterpret_cast<unaligned*>(p) = v; }
+  static GRASPEXT_INLINE T sum(type v) {
+    T s = 0;
+    for (int k = 0; k < kWidth; ++k) s += v[k];
+    return s;
+  }
+};
+
+// One channel-row of n values: the sum and the sum of squares of (x - shift).
+template <typename T>
+GRASPEXT_INLINE void row_moments(const T* x, int64_t n, T shift, T& sum, T& sq) {
+  using V = Vec<T>;
+  typename V::type s = {}, q = {};
+  const typename V::type sh = typename V::type{} + shift;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) {
-      const T d = x[i + k] - shift;
-      s[k] += d;
-      q[k] += d * d;
-    }
-  T ts = 0, tq = 0;
+  for (; i + V::kWidth <= n; i += V::kWidth) {
+    const auto d = V::load(x + i) - sh;
+    s += d;
+    q += d * d;
+  }
+  T ts = V::sum(s), tq = V::sum(q);
   for (; i < n; ++i) {
     const T d = x[i] - shift;
     ts += d;
     tq += d * d;
-  }
-  for (int k = 0; k < kLanes; ++k) {
-    ts += s[k];
-    tq += q[k];
   }
   sum = ts;
   sq = tq;
@@ -86,30 +100,29 @@ GRASPEXT_INLINE void normalize_impl(const T* __restrict x, T* __restrict y, int6
 
 // Per channel, with g = dy masked by out > 0 (relu) or dy: sums of g and of g * (x - mean[c]).
 template <typename T>
-GRASPEXT_INLINE void grad_sums_impl(const T* __restrict dy, const T* __restrict x, const T* __restrict out,
-                                    int64_t p0, int64_t p1, int64_t C, int64_t L, const T* mean, bool relu,
-                                    double* sum_g, double* sum_gx) {
+GRASPEXT_INLINE void grad_sums_impl(const T* dy, const T* x, const T* out, int64_t p0, int64_t p1, int64_t C,
+                                    int64_t L, const T* mean, bool relu, double* sum_g, double* sum_gx) {
+  using V = Vec<T>;
+  using v_t = typename V::type;
+  const v_t zero = {};
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t o = (p * C + c) * L;
       const T m = mean[c];
-      T s[kLanes] = {}, q[kLanes] = {};
+      const v_t mv = zero + m;
+      v_t s = {}, q = {};
       int64_t i = 0;
-      for (; i + kLanes <= L; i += kLanes)
-        for (int k = 0; k < kLanes; ++k) {
-          const T g = relu && !(out[o + i + k] > T(0)) ? T(0) : dy[o + i + k];
-          s[k] += g;
-          q[k] += g * (x[o + i + k] - m);
-        }
-      T ts = 0, tq = 0;
+      for (; i + V::kWidth <= L; i += V::kWidth) {
+        v_t g = V::load(dy + o + i);
+        if (relu) g = V::load(out + o + i) > zero ? g : zero;
+        s += g;
+        q += g * (V::load(x + o + i) - mv);
+      }
+      T ts = V::sum(s), tq = V::sum(q);
       for (; i < L; ++i) {
         const T g = relu && !(out[o + i] > T(0)) ? T(0) : dy[o + i];
         ts += g;
         tq += g * (x[o + i] - m);
-      }
-      for (int k = 0; k < kLanes; ++k) {
-        ts += s[k];
-        tq += q[k];
       }
       sum_g[c] += ts;
       sum_gx[c] += tq;
@@ -161,37 +174,31 @@ GRASPEXT_DEFINE_KERNELS(float, f32)
 GRASPEXT_DEFINE_KERNELS(double, f64)
 #undef GRASPEXT_DEFINE_KERNELS
 
-void moments(const float* x, int64_t p0, int64_t p1, int64_t C, int64_t L, const float* shift, double* s,
-             double* q) {
-  moments_f32(x, p0, p1, C, L, shift, s, q);
+// The clone of each kernel for T.
+template <typename T>
+void moments(const T* x, int64_t p0, int64_t p1, int64_t C, int64_t L, const T* shift, double* s, double* q) {
+  if constexpr (std::is_same_v<T, float>) moments_f32(x, p0, p1, C, L, shift, s, q);
+  else moments_f64(x, p0, p1, C, L, shift, s, q);
 }
-void moments(const double* x, int64_t p0, int64_t p1, int64_t C, int64_t L, const double* shift, double* s,
-             double* q) {
-  moments_f64(x, p0, p1, C, L, shift, s, q);
+
+template <typename T>
+void normalize(const T* x, T* y, int64_t p0, int64_t p1, int64_t C, int64_t L, const T* a, const T* b, bool relu) {
+  if constexpr (std::is_same_v<T, float>) normalize_f32(x, y, p0, p1, C, L, a, b, relu);
+  else normalize_f64(x, y, p0, p1, C, L, a, b, relu);
 }
-void normalize(const float* x, float* y, int64_t p0, int64_t p1, int64_t C, int64_t L, const float* a,
-               const float* b, bool relu) {
-  normalize_f32(x, y, p0, p1, C, L, a, b, relu);
+
+template <typename T>
+void grad_sums(const T* dy, const T* x, const T* out, int64_t p0, int64_t p1, int64_t C, int64_t L, const T* mean,
+               bool relu, double* sg, double* sgx) {
+  if constexpr (std::is_same_v<T, float>) grad_sums_f32(dy, x, out, p0, p1, C, L, mean, relu, sg, sgx);
+  else grad_sums_f64(dy, x, out, p0, p1, C, L, mean, relu, sg, sgx);
 }
-void normalize(const double* x, double* y, int64_t p0, int64_t p1, int64_t C, int64_t L, const double* a,
-               const double* b, bool relu) {
-  normalize_f64(x, y, p0, p1, C, L, a, b, relu);
-}
-void grad_sums(const float* dy, const float* x, const float* out, int64_t p0, int64_t p1, int64_t C, int64_t L,
-               const float* mean, bool relu, double* sg, double* sgx) {
-  grad_sums_f32(dy, x, out, p0, p1, C, L, mean, relu, sg, sgx);
-}
-void grad_sums(const double* dy, const double* x, const double* out, int64_t p0, int64_t p1, int64_t C,
-               int64_t L, const double* mean, bool relu, double* sg, double* sgx) {
-  grad_sums_f64(dy, x, out, p0, p1, C, L, mean, relu, sg, sgx);
-}
-void input_grad(const float* dy, const float* x, const float* out, float* dx, int64_t p0, int64_t p1, int64_t C,
-                int64_t L, const float* a, const float* k, const float* b, bool relu) {
-  grad_input_f32(dy, x, out, dx, p0, p1, C, L, a, k, b, relu);
-}
-void input_grad(const double* dy, const double* x, const double* out, double* dx, int64_t p0, int64_t p1,
-                int64_t C, int64_t L, const double* a, const double* k, const double* b, bool relu) {
-  grad_input_f64(dy, x, out, dx, p0, p1, C, L, a, k, b, relu);
+
+template <typename T>
+void input_grad(const T* dy, const T* x, const T* out, T* dx, int64_t p0, int64_t p1, int64_t C, int64_t L,
+                const T* a, const T* k, const T* b, bool relu) {
+  if constexpr (std::is_same_v<T, float>) grad_input_f32(dy, x, out, dx, p0, p1, C, L, a, k, b, relu);
+  else grad_input_f64(dy, x, out, dx, p0, p1, C, L, a, k, b, relu);
 }
 
 // Rows [0, P) in kBlocks nearly equal ranges; block b is [bounds(b), bounds(b + 1)).
