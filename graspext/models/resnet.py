@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from graspext.models.init import grasp_init_
+from graspext.nn.layout import norm_add_relu
 
 
 class BasicBlock(nn.Module):
@@ -20,15 +21,14 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        # relu(bn(.)) and relu(bn(.) + shortcut), fused into one op each once the model is sparsified
+        out = norm_add_relu(self.bn1, self.conv1(x))
+        return norm_add_relu(self.bn2, self.conv2(out), self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -40,7 +40,6 @@ class CifarResNet(nn.Module):
         widths = [16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
         stages, in_planes = [], widths[0]
         for i, planes in enumerate(widths):
             blocks = []
@@ -54,7 +53,7 @@ class CifarResNet(nn.Module):
         grasp_init_(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = norm_add_relu(self.bn1, self.conv1(x))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.pool(x).flatten(1))
 

@@ -71,6 +71,10 @@ class BatchNorm2d(nn.BatchNorm2d):
     fuse_relu = False
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.normalize(x, self.fuse_relu)
+
+    def normalize(self, x: Tensor, relu: bool, residual: Tensor | None = None) -> Tensor:
+        """``relu?(self(x) + residual)`` as one op where it can (see :func:`norm_add_relu`)."""
         self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -78,11 +82,19 @@ class BatchNorm2d(nn.BatchNorm2d):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         rows = _as_rows(x) if batch_stats and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES else None
+        res_rows = None
+        if rows is not None and residual is not None:
+            res_rows = _as_rows(residual) if residual.shape == x.shape and residual.dtype == x.dtype else None
+            if res_rows is None or res_rows[0].shape != rows[0].shape:  # another layout: add it separately
+                rows = None
         if rows is None:
             y = self._torch_batch_norm(x, factor, batch_stats)
-            return F.relu(y) if self.fuse_relu else y
+            if residual is not None:
+                y = y + residual
+            return F.relu(y) if relu else y
         view, restore = rows
-        y, mean, var = batch_norm_relu(view, self.weight, self.bias, self.eps, self.fuse_relu)
+        y, mean, var = batch_norm_relu(view, self.weight, self.bias, self.eps, relu,
+                                       None if res_rows is None else res_rows[0])
         if self.training and self.track_running_stats:
             count = view.shape[0] * view.shape[2]
             with torch.no_grad():
@@ -100,6 +112,20 @@ class BatchNorm2d(nn.BatchNorm2d):
         y = F.batch_norm(rows, self.running_mean if track else None, self.running_var if track else None,
                          self.weight, self.bias, batch_stats, factor, self.eps)
         return restore(y) if restore else y
+
+
+def norm_add_relu(bn: nn.Module, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    """``relu(bn(x) + residual)`` (``relu(bn(x))`` without a residual): one fused op when ``bn`` is the layout
+    :class:`BatchNorm2d` that :func:`graspext.sparsify` puts in, torch's modules otherwise.
+
+    Model code calls this where a ReLU that is not a module of its own follows a BatchNorm, as in a ResNet
+    block; :func:`fuse_batch_norm_relu` covers the ``nn.Sequential`` case.
+    """
+    if isinstance(bn, BatchNorm2d) and not bn.fuse_relu:
+        return bn.normalize(x, True, residual)
+    y = bn(x)
+    # In place, as the nn.ReLU(inplace=True) this replaces: y is a fresh tensor that autograd does not save.
+    return F.relu(y if residual is None else y + residual, inplace=y._base is None)
 
 
 class FusedReLU(nn.Identity):

@@ -1,9 +1,10 @@
-"""Training-mode BatchNorm with an optional fused ReLU: a wrapper over ``torch.ops.graspext.batch_norm_relu``.
+"""Training-mode BatchNorm with an optional fused residual add and ReLU: a wrapper over
+``torch.ops.graspext.batch_norm_relu``.
 
 The op normalizes a contiguous ``[P, C, L]`` tensor per channel over P and L, which is how
 :class:`graspext.nn.layout.BatchNorm2d` sees batch-innermost activations (``[H*W, C, N]``) and NCHW ones
-(``[N, C, H*W]``). It reads its input twice and writes once, forward and backward alike; separate BatchNorm
-and ReLU kernels make about twice as many passes.
+(``[N, C, H*W]``). It reads its input twice and writes once, forward and backward alike; separate BatchNorm,
+add and ReLU kernels make about twice as many passes.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ __all__ = ["batch_norm_relu"]
 
 
 def batch_norm_relu(input: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5,
-                    relu: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``relu?(F.batch_norm(input, None, None, weight, bias, training=True, eps=eps))`` over ``[P, C, L]``.
+                    relu: bool = False, residual: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``relu?(F.batch_norm(input, None, None, weight, bias, training=True, eps=eps) + residual)`` over
+    ``[P, C, L]``; ``residual`` (optional, shaped like ``input``) is a ResNet block's shortcut.
 
     Returns ``(out, mean, var)``: the per-channel batch mean and biased variance, from which the caller
-    updates running statistics. Differentiable in ``input``, ``weight`` and ``bias``.
+    updates running statistics. Differentiable in ``input``, ``weight``, ``bias`` and ``residual``.
     """
     if not isinstance(input, Tensor) or input.dim() != 3:
         raise ValueError(f"input must be a 3-D tensor [P, C, L], got {getattr(input, 'shape', input)!r}")
@@ -34,11 +36,14 @@ def batch_norm_relu(input: Tensor, weight: Tensor | None, bias: Tensor | None, e
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (input.shape[1],):
             raise ValueError(f"{name} must have shape ({input.shape[1]},) (one per channel), got {tuple(t.shape)}")
-    return _ops.batch_norm_relu(input.contiguous(), weight, bias, float(eps), bool(relu))
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+    return _ops.batch_norm_relu(input.contiguous(), weight, bias,
+                                None if residual is None else residual.contiguous(), float(eps), bool(relu))
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, eps, relu = inputs
+    input, weight, bias, residual, eps, relu = inputs
     out, mean, var = output
     ctx.save_for_backward(input, out, weight, mean, var)
     ctx.eps, ctx.relu = eps, relu
@@ -47,13 +52,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     input, out, weight, mean, var = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = _ops.batch_norm_relu_backward(
-        grad_out, input, out, weight, mean, var, ctx.eps, ctx.relu
+    needs = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias, grad_residual = _ops.batch_norm_relu_backward(
+        grad_out, input, out, weight, mean, var, ctx.eps, ctx.relu, needs[3]
     )
     return (
-        grad_input if ctx.needs_input_grad[0] else None,
-        grad_weight if ctx.needs_input_grad[1] else None,
-        grad_bias if ctx.needs_input_grad[2] else None,
+        grad_input if needs[0] else None,
+        grad_weight if needs[1] else None,
+        grad_bias if needs[2] else None,
+        grad_residual if needs[3] else None,
         None,
         None,
     )
@@ -63,13 +70,14 @@ torch.library.register_autograd("graspext::batch_norm_relu", _backward, setup_co
 
 
 @torch.library.register_fake("graspext::batch_norm_relu")
-def _(input, weight, bias, eps, relu):
+def _(input, weight, bias, residual, eps, relu):
     torch._check(input.dim() == 3, lambda: "input must be 3-D [P, C, L]")
     channels = input.shape[1]
     return torch.empty_like(input), input.new_empty((channels,)), input.new_empty((channels,))
 
 
 @torch.library.register_fake("graspext::batch_norm_relu_backward")
-def _(grad_out, input, out, weight, mean, var, eps, relu):
+def _(grad_out, input, out, weight, mean, var, eps, relu, residual_grad):
     channels = input.shape[1]
-    return torch.empty_like(input), input.new_empty((channels,)), input.new_empty((channels,))
+    grad_residual = torch.empty_like(input) if residual_grad else input.new_empty((0,))
+    return torch.empty_like(input), input.new_empty((channels,)), input.new_empty((channels,)), grad_residual

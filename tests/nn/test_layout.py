@@ -11,6 +11,7 @@ from graspext.nn.layout import (
     from_layout_module,
     fuse_batch_norm_relu,
     is_batch_innermost,
+    norm_add_relu,
     to_batch_innermost,
     to_layout_module,
 )
@@ -98,3 +99,28 @@ def test_relu_used_twice_is_not_fused():
     model = nn.Sequential(to_layout_module(nn.BatchNorm2d(3)), relu, nn.Conv2d(3, 3, 1), relu)
     fuse_batch_norm_relu(model)
     assert model[1] is relu and not model[0].fuse_relu
+
+
+@pytest.mark.parametrize("residual_layout", ["same", "nchw", None])
+def test_norm_add_relu_matches_torch(residual_layout):
+    torch.manual_seed(1)
+    plain = nn.BatchNorm2d(4).double()
+    kept = to_layout_module(copy.deepcopy(plain))
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    shortcut = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    xb = to_batch_innermost(x).requires_grad_()
+    xr = x.clone().requires_grad_()
+    rb = rr = None
+    if residual_layout is not None:
+        rb = (to_batch_innermost(shortcut) if residual_layout == "same" else shortcut.clone()).requires_grad_()
+        rr = shortcut.clone().requires_grad_()
+    y, yr = norm_add_relu(kept, xb, rb), norm_add_relu(plain, xr, rr)
+    torch.testing.assert_close(y, yr)
+    assert is_batch_innermost(y)
+    grad = torch.randn_like(yr)
+    y.backward(grad)
+    yr.backward(grad)
+    torch.testing.assert_close(xb.grad, xr.grad)
+    if rb is not None:
+        torch.testing.assert_close(rb.grad, rr.grad)
+    torch.testing.assert_close(kept.running_var, plain.running_var)

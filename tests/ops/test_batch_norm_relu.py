@@ -1,4 +1,4 @@
-"""The fused BatchNorm (+ ReLU) op against F.batch_norm (and F.relu) in float64."""
+"""The fused BatchNorm (+ residual, + ReLU) op against F.batch_norm (+ add, F.relu) in float64."""
 
 import pytest
 import torch
@@ -9,20 +9,22 @@ from hypothesis import strategies as st
 from graspext import ops
 
 
-def _reference(x, weight, bias, eps, relu):
+def _reference(x, weight, bias, eps, relu, residual=None):
     y = F.batch_norm(x.unsqueeze(-1), None, None, weight, bias, True, 0.1, eps).squeeze(-1)
+    if residual is not None:
+        y = y + residual
     return F.relu(y) if relu else y
 
 
-def _check(x, weight, bias, eps, relu, tol):
-    xs = x.clone().requires_grad_()
-    ws = weight.clone().requires_grad_() if weight is not None else None
-    bs = bias.clone().requires_grad_() if bias is not None else None
-    y, mean, var = ops.batch_norm_relu(xs, ws, bs, eps, relu)
-    xr = x.clone().requires_grad_()
-    wr = weight.clone().requires_grad_() if weight is not None else None
-    br = bias.clone().requires_grad_() if bias is not None else None
-    yr = _reference(xr, wr, br, eps, relu)
+def _leaf(t):
+    return t.clone().requires_grad_() if t is not None else None
+
+
+def _check(x, weight, bias, eps, relu, tol, residual=None):
+    xs, ws, bs, rs = (_leaf(t) for t in (x, weight, bias, residual))
+    y, mean, var = ops.batch_norm_relu(xs, ws, bs, eps, relu, rs)
+    xr, wr, br, rr = (_leaf(t) for t in (x, weight, bias, residual))
+    yr = _reference(xr, wr, br, eps, relu, rr)
     torch.testing.assert_close(y, yr, **tol)
     torch.testing.assert_close(mean, x.mean((0, 2)), **tol)
     torch.testing.assert_close(var, x.var((0, 2), unbiased=False), **tol)
@@ -30,7 +32,7 @@ def _check(x, weight, bias, eps, relu, tol):
     y.backward(grad)
     yr.backward(grad)
     torch.testing.assert_close(xs.grad, xr.grad, **tol)
-    for ours, ref in ((ws, wr), (bs, br)):
+    for ours, ref in ((ws, wr), (bs, br), (rs, rr)):
         if ours is not None:
             torch.testing.assert_close(ours.grad, ref.grad, **tol)
 
@@ -38,25 +40,37 @@ def _check(x, weight, bias, eps, relu, tol):
 @settings(max_examples=60, deadline=None)
 @given(
     p=st.integers(1, 9), c=st.integers(1, 7), length=st.integers(1, 40), relu=st.booleans(), affine=st.booleans(),
-    offset=st.sampled_from([0.0, 3.0, -50.0]), seed=st.integers(0, 2**16),
+    residual=st.booleans(), offset=st.sampled_from([0.0, 3.0, -50.0]), seed=st.integers(0, 2**16),
 )
-def test_matches_torch_float64(p, c, length, relu, affine, offset, seed):
+def test_matches_torch_float64(p, c, length, relu, affine, residual, offset, seed):
     if p * length < 2:
         return  # one value per channel has no variance; rejected (test_rejects_bad_input)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(p, c, length, generator=g, dtype=torch.float64) * 2 + offset
     weight = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
     bias = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
-    _check(x, weight, bias, 1e-5, relu, {})
+    shortcut = torch.randn(p, c, length, generator=g, dtype=torch.float64) if residual else None
+    _check(x, weight, bias, 1e-5, relu, {}, shortcut)
 
 
 @pytest.mark.parametrize("shape", [(1024, 16, 128), (16, 64, 128), (128, 8, 64), (4, 3, 2)])
 @pytest.mark.parametrize("relu", [True, False])
-def test_matches_torch_float32(shape, relu):
+@pytest.mark.parametrize("residual", [True, False])
+def test_matches_torch_float32(shape, relu, residual):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=g) * 3 + 1
     c = shape[1]
-    _check(x, torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), 1e-5, relu, dict(rtol=1e-4, atol=1e-4))
+    shortcut = torch.randn(*shape, generator=g) if residual else None
+    _check(x, torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), 1e-5, relu, dict(rtol=1e-4, atol=1e-4),
+           shortcut)
+
+
+def test_nan_passes_relu_as_in_torch():
+    x = torch.randn(4, 2, 8, dtype=torch.float64)
+    residual = torch.zeros_like(x)
+    residual[0, 0, 0] = float("nan")
+    y, _, _ = ops.batch_norm_relu(x, None, None, 1e-5, True, residual)
+    assert torch.isnan(y[0, 0, 0]) and not torch.isnan(y[1:]).any()
 
 
 def test_variance_survives_a_large_mean():
@@ -88,19 +102,24 @@ def test_gradcheck():
     x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
     w = torch.rand(2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
     for relu in (False, True):
-        assert torch.autograd.gradcheck(lambda *a, relu=relu: ops.batch_norm_relu(*a, 1e-5, relu)[0], (x, w, b))
+        fn = lambda x_, w_, b_, r_, relu=relu: ops.batch_norm_relu(x_, w_, b_, 1e-5, relu, r_)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w, b, r))
 
 
 def test_opcheck():
     x = torch.randn(4, 3, 6, requires_grad=True)
     w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    r = torch.randn(4, 3, 6, requires_grad=True)
+    op = torch.ops.graspext.batch_norm_relu.default
     for relu in (False, True):
-        torch.library.opcheck(torch.ops.graspext.batch_norm_relu.default, (x, w, b, 1e-5, relu))
-        torch.library.opcheck(torch.ops.graspext.batch_norm_relu.default, (x, None, None, 1e-5, relu))
-    y, mean, var = torch.ops.graspext.batch_norm_relu(x.detach(), w.detach(), b.detach(), 1e-5, True)
-    torch.library.opcheck(torch.ops.graspext.batch_norm_relu_backward.default,
-                          (torch.randn_like(y), x.detach(), y, w.detach(), mean, var, 1e-5, True))
+        torch.library.opcheck(op, (x, w, b, None, 1e-5, relu))
+        torch.library.opcheck(op, (x, None, None, r, 1e-5, relu))
+    y, mean, var = op(x.detach(), w.detach(), b.detach(), None, 1e-5, True)
+    for residual_grad in (False, True):
+        torch.library.opcheck(torch.ops.graspext.batch_norm_relu_backward.default,
+                              (torch.randn_like(y), x.detach(), y, w.detach(), mean, var, 1e-5, True, residual_grad))
 
 
 def test_rejects_bad_input():
@@ -117,3 +136,7 @@ def test_rejects_bad_input():
         ops.batch_norm_relu(x.half(), None, None)
     with pytest.raises(RuntimeError, match="eps must be"):
         ops.batch_norm_relu(x, None, None, -1.0)
+    with pytest.raises(ValueError, match="residual must have"):
+        ops.batch_norm_relu(x, None, None, 1e-5, True, x[:2])
+    with pytest.raises(RuntimeError, match="residual must match"):
+        ops.batch_norm_relu(x, None, None, 1e-5, True, x.double())

@@ -78,27 +78,29 @@ GRASPEXT_INLINE void moments_impl(const T* x, int64_t p0, int64_t p1, int64_t C,
     }
 }
 
-// y = x * scale[c] + offset[c], then max(y, 0) with relu.
+// y = x * scale[c] + offset[c] (+ residual), then with relu 0 where y < 0 (NaN stays, as in torch.relu).
 template <typename T>
-GRASPEXT_INLINE void normalize_impl(const T* __restrict x, T* __restrict y, int64_t p0, int64_t p1, int64_t C,
-                                    int64_t L, const T* scale, const T* offset, bool relu) {
+GRASPEXT_INLINE void normalize_impl(const T* __restrict x, const T* __restrict residual, T* __restrict y, int64_t p0,
+                                    int64_t p1, int64_t C, int64_t L, const T* scale, const T* offset, bool relu) {
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t c = 0; c < C; ++c) {
       const T a = scale[c], b = offset[c];
-      const T* xr = x + (p * C + c) * L;
-      T* yr = y + (p * C + c) * L;
-      if (relu) {
+      const int64_t o = (p * C + c) * L;
+      if (residual) {
         for (int64_t l = 0; l < L; ++l) {
-          const T v = xr[l] * a + b;
-          yr[l] = v > T(0) ? v : T(0);
+          const T v = x[o + l] * a + b + residual[o + l];
+          y[o + l] = relu && v < T(0) ? T(0) : v;
         }
       } else {
-        for (int64_t l = 0; l < L; ++l) yr[l] = xr[l] * a + b;
+        for (int64_t l = 0; l < L; ++l) {
+          const T v = x[o + l] * a + b;
+          y[o + l] = relu && v < T(0) ? T(0) : v;
+        }
       }
     }
 }
 
-// Per channel, with g = dy masked by out > 0 (relu) or dy: sums of g and of g * (x - mean[c]).
+// Per channel, with g = dy, zero where out <= 0 with relu: sums of g and of g * (x - mean[c]).
 template <typename T>
 GRASPEXT_INLINE void grad_sums_impl(const T* dy, const T* x, const T* out, int64_t p0, int64_t p1, int64_t C,
                                     int64_t L, const T* mean, bool relu, double* sum_g, double* sum_gx) {
@@ -114,13 +116,13 @@ GRASPEXT_INLINE void grad_sums_impl(const T* dy, const T* x, const T* out, int64
       int64_t i = 0;
       for (; i + V::kWidth <= L; i += V::kWidth) {
         v_t g = V::load(dy + o + i);
-        if (relu) g = V::load(out + o + i) > zero ? g : zero;
+        if (relu) g = V::load(out + o + i) <= zero ? zero : g;  // as torch: NaN passes
         s += g;
         q += g * (V::load(x + o + i) - mv);
       }
       T ts = V::sum(s), tq = V::sum(q);
       for (; i < L; ++i) {
-        const T g = relu && !(out[o + i] > T(0)) ? T(0) : dy[o + i];
+        const T g = relu && out[o + i] <= T(0) ? T(0) : dy[o + i];
         ts += g;
         tq += g * (x[o + i] - m);
       }
@@ -129,22 +131,19 @@ GRASPEXT_INLINE void grad_sums_impl(const T* dy, const T* x, const T* out, int64
     }
 }
 
-// dx = a[c] * g + k[c] * x + b[c] (the BatchNorm input gradient, expanded per channel).
+// dx = a[c] * g + k[c] * x + b[c] (the BatchNorm input gradient, expanded per channel); dr = g if requested.
 template <typename T>
 GRASPEXT_INLINE void grad_input_impl(const T* __restrict dy, const T* __restrict x, const T* __restrict out,
-                                     T* __restrict dx, int64_t p0, int64_t p1, int64_t C, int64_t L, const T* a,
-                                     const T* k, const T* b, bool relu) {
+                                     T* __restrict dx, T* __restrict dr, int64_t p0, int64_t p1, int64_t C,
+                                     int64_t L, const T* a, const T* k, const T* b, bool relu) {
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t o = (p * C + c) * L;
       const T ac = a[c], kc = k[c], bc = b[c];
-      if (relu) {
-        for (int64_t l = 0; l < L; ++l) {
-          const T g = out[o + l] > T(0) ? dy[o + l] : T(0);
-          dx[o + l] = ac * g + kc * x[o + l] + bc;
-        }
-      } else {
-        for (int64_t l = 0; l < L; ++l) dx[o + l] = ac * dy[o + l] + kc * x[o + l] + bc;
+      for (int64_t l = 0; l < L; ++l) {
+        const T g = relu && out[o + l] <= T(0) ? T(0) : dy[o + l];
+        dx[o + l] = ac * g + kc * x[o + l] + bc;
+        if (dr) dr[o + l] = g;
       }
     }
 }
@@ -155,19 +154,19 @@ GRASPEXT_INLINE void grad_input_impl(const T* __restrict dy, const T* __restrict
                                         const T* shift, double* sum, double* sq) {                            \
     moments_impl<T>(x, p0, p1, C, L, shift, sum, sq);                                                         \
   }                                                                                                            \
-  GRASPEXT_CLONES void normalize_##suffix(const T* x, T* y, int64_t p0, int64_t p1, int64_t C, int64_t L,     \
-                                          const T* scale, const T* offset, bool relu) {                       \
-    normalize_impl<T>(x, y, p0, p1, C, L, scale, offset, relu);                                                \
+  GRASPEXT_CLONES void normalize_##suffix(const T* x, const T* r, T* y, int64_t p0, int64_t p1, int64_t C,    \
+                                          int64_t L, const T* scale, const T* offset, bool relu) {            \
+    normalize_impl<T>(x, r, y, p0, p1, C, L, scale, offset, relu);                                             \
   }                                                                                                            \
   GRASPEXT_CLONES void grad_sums_##suffix(const T* dy, const T* x, const T* out, int64_t p0, int64_t p1,      \
                                           int64_t C, int64_t L, const T* mean, bool relu, double* sum_g,      \
                                           double* sum_gx) {                                                    \
     grad_sums_impl<T>(dy, x, out, p0, p1, C, L, mean, relu, sum_g, sum_gx);                                   \
   }                                                                                                            \
-  GRASPEXT_CLONES void grad_input_##suffix(const T* dy, const T* x, const T* out, T* dx, int64_t p0,          \
+  GRASPEXT_CLONES void grad_input_##suffix(const T* dy, const T* x, const T* out, T* dx, T* dr, int64_t p0,   \
                                            int64_t p1, int64_t C, int64_t L, const T* a, const T* k,          \
                                            const T* b, bool relu) {                                            \
-    grad_input_impl<T>(dy, x, out, dx, p0, p1, C, L, a, k, b, relu);                                           \
+    grad_input_impl<T>(dy, x, out, dx, dr, p0, p1, C, L, a, k, b, relu);                                       \
   }
 
 GRASPEXT_DEFINE_KERNELS(float, f32)
@@ -182,9 +181,10 @@ void moments(const T* x, int64_t p0, int64_t p1, int64_t C, int64_t L, const T* 
 }
 
 template <typename T>
-void normalize(const T* x, T* y, int64_t p0, int64_t p1, int64_t C, int64_t L, const T* a, const T* b, bool relu) {
-  if constexpr (std::is_same_v<T, float>) normalize_f32(x, y, p0, p1, C, L, a, b, relu);
-  else normalize_f64(x, y, p0, p1, C, L, a, b, relu);
+void normalize(const T* x, const T* r, T* y, int64_t p0, int64_t p1, int64_t C, int64_t L, const T* a, const T* b,
+               bool relu) {
+  if constexpr (std::is_same_v<T, float>) normalize_f32(x, r, y, p0, p1, C, L, a, b, relu);
+  else normalize_f64(x, r, y, p0, p1, C, L, a, b, relu);
 }
 
 template <typename T>
@@ -195,10 +195,10 @@ void grad_sums(const T* dy, const T* x, const T* out, int64_t p0, int64_t p1, in
 }
 
 template <typename T>
-void input_grad(const T* dy, const T* x, const T* out, T* dx, int64_t p0, int64_t p1, int64_t C, int64_t L,
+void input_grad(const T* dy, const T* x, const T* out, T* dx, T* dr, int64_t p0, int64_t p1, int64_t C, int64_t L,
                 const T* a, const T* k, const T* b, bool relu) {
-  if constexpr (std::is_same_v<T, float>) grad_input_f32(dy, x, out, dx, p0, p1, C, L, a, k, b, relu);
-  else grad_input_f64(dy, x, out, dx, p0, p1, C, L, a, k, b, relu);
+  if constexpr (std::is_same_v<T, float>) grad_input_f32(dy, x, out, dx, dr, p0, p1, C, L, a, k, b, relu);
+  else grad_input_f64(dy, x, out, dx, dr, p0, p1, C, L, a, k, b, relu);
 }
 
 // Rows [0, P) in kBlocks nearly equal ranges; block b is [bounds(b), bounds(b + 1)).
@@ -265,10 +265,18 @@ std::vector<T> channel_values(const std::optional<at::Tensor>& t, int64_t C, T f
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(const at::Tensor& input,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias,
+                                                                   const std::optional<at::Tensor>& residual,
                                                                    double eps, bool relu) {
   check_input(input);
   check_channel_vector(weight, input, "weight");
   check_channel_vector(bias, input, "bias");
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == input.sizes() && residual->scalar_type() == input.scalar_type() &&
+                    residual->device().is_cpu(),
+                "residual must match input (", input.scalar_type(), " of shape ", input.sizes(), " on the CPU), got ",
+                residual->scalar_type(), " of shape ", residual->sizes(), " on ", residual->device());
+  }
+  const auto r = residual ? residual->contiguous() : at::Tensor();
   TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
   const int64_t P = input.size(0), C = input.size(1), L = input.size(2);
   const double count = static_cast<double>(P * L);
@@ -300,15 +308,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(const at::Ten
     }
     scalar_t* y = out.data_ptr<scalar_t>();
     parallel_rows(P, C, L, [&](int64_t p0, int64_t p1) {
-      normalize(x, y, p0, p1, C, L, scale.data(), offset.data(), relu);
+      normalize(x, r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, y, p0, p1, C, L, scale.data(), offset.data(),
+                relu);
     });
   });
   return {out, mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out,
-    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var, double eps, bool relu) {
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var, double eps, bool relu,
+    bool residual_grad) {
   check_input(input);
   TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
               "grad_out must match input (", input.scalar_type(), " of shape ", input.sizes(), "), got ",
@@ -326,6 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
   auto grad_input = at::empty_like(input);
   auto grad_weight = at::empty({C}, input.options());
   auto grad_bias = at::empty({C}, input.options());
+  auto grad_residual = residual_grad ? at::empty_like(input) : at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* dy = dy_c.const_data_ptr<scalar_t>();
@@ -353,11 +364,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
       gb[c] = static_cast<scalar_t>(sum_g[c]);
     }
     scalar_t* dx = grad_input.data_ptr<scalar_t>();
+    scalar_t* dr = residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr;
     parallel_rows(P, C, L, [&](int64_t p0, int64_t p1) {
-      input_grad(dy, x, y, dx, p0, p1, C, L, a.data(), k.data(), b.data(), relu);
+      input_grad(dy, x, y, dx, dr, p0, p1, C, L, a.data(), k.data(), b.data(), relu);
     });
   });
-  return {grad_input, grad_weight, grad_bias};
+  return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
 }  // namespace
