@@ -124,3 +124,17 @@ def test_norm_add_relu_matches_torch(residual_layout):
     if rb is not None:
         torch.testing.assert_close(rb.grad, rr.grad)
     torch.testing.assert_close(kept.running_var, plain.running_var)
+
+
+def test_to_batch_innermost_converts_value_and_gradient():
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    y = to_batch_innermost(x)
+    assert is_batch_innermost(y) and torch.equal(y, x)
+    assert to_batch_innermost(y) is y
+    grad = to_batch_innermost(torch.randn(3, 4, 5, 6, dtype=torch.float64))
+    y.backward(grad)
+    assert x.grad.is_contiguous() and torch.equal(x.grad, grad)  # back to NCHW for a dense layer before it
+    assert torch.autograd.gradcheck(to_batch_innermost, (torch.randn(2, 3, 2, 2, dtype=torch.float64,
+                                                                     requires_grad=True),))
+    with pytest.raises(ValueError, match="4-D"):
+        to_batch_innermost(torch.randn(3, 4))
