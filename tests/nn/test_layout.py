@@ -17,6 +17,18 @@ from graspext.nn.layout import (
 )
 
 
+def _check_outputs_and_grads(y, y_ref, leaves):
+    """``y`` equals ``y_ref`` and stays batch-innermost; under one output gradient, each (ours, reference)
+    pair of leaves gets the same gradient."""
+    torch.testing.assert_close(y, y_ref)
+    assert is_batch_innermost(y)
+    grad = torch.randn_like(y_ref)
+    y.backward(grad)
+    y_ref.backward(grad)
+    for ours, ref in leaves:
+        torch.testing.assert_close(ours.grad, ref.grad)
+
+
 @pytest.mark.parametrize("make", [
     lambda: nn.BatchNorm2d(5),
     lambda: nn.BatchNorm2d(5, affine=False, momentum=None),
@@ -38,13 +50,7 @@ def test_same_results_and_layout_kept(make, training):
     x = torch.randn(6, 5, 8, 8, dtype=torch.float64)
     xb = to_batch_innermost(x).requires_grad_()
     xr = x.clone().requires_grad_()
-    y, yr = kept(xb), base(xr)
-    torch.testing.assert_close(y, yr)
-    assert is_batch_innermost(y)
-    grad = torch.randn_like(yr)
-    y.backward(grad)
-    yr.backward(grad)
-    torch.testing.assert_close(xb.grad, xr.grad)
+    _check_outputs_and_grads(kept(xb), base(xr), [(xb, xr)])
     for a, b in zip(base.buffers(), kept.buffers()):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(kept(x), base(x))  # NCHW input takes the torch path
@@ -114,15 +120,8 @@ def test_norm_add_relu_matches_torch(residual_layout):
     if residual_layout is not None:
         rb = (to_batch_innermost(shortcut) if residual_layout == "same" else shortcut.clone()).requires_grad_()
         rr = shortcut.clone().requires_grad_()
-    y, yr = norm_add_relu(kept, xb, rb), norm_add_relu(plain, xr, rr)
-    torch.testing.assert_close(y, yr)
-    assert is_batch_innermost(y)
-    grad = torch.randn_like(yr)
-    y.backward(grad)
-    yr.backward(grad)
-    torch.testing.assert_close(xb.grad, xr.grad)
-    if rb is not None:
-        torch.testing.assert_close(rb.grad, rr.grad)
+    leaves = [(xb, xr)] + ([(rb, rr)] if rb is not None else [])
+    _check_outputs_and_grads(norm_add_relu(kept, xb, rb), norm_add_relu(plain, xr, rr), leaves)
     torch.testing.assert_close(kept.running_var, plain.running_var)
 
 
