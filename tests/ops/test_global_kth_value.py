@@ -39,17 +39,22 @@ def test_property_with_ties_signed_zeros_and_extremes(values, dtype, data):
     assert ops.global_kth_value(scores, k).item() == _reference(scores, k).item()
 
 
-def test_many_ties_and_negative_zero():
-    scores = [torch.tensor([0.0, -0.0, 1.0, 1.0, -1.0]), torch.tensor([-0.0, 1.0, 1.0])]
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_ties_and_negative_zero(device):
+    skip_without_kernel("global_kth_value", device)
+    scores = [torch.tensor([0.0, -0.0, 1.0, 1.0, -1.0], device=device), torch.tensor([-0.0, 1.0, 1.0], device=device)]
     for k in range(1, 9):
         assert ops.global_kth_value(scores, k).item() == _reference(scores, k).item()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_non_finite_raises_naming_tensor(bad, dtype):
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_raises_naming_tensor(bad, dtype, device):
+    skip_without_kernel("global_kth_value", device)
     scores = [torch.randn(10, dtype=dtype), torch.randn(5, dtype=dtype)]
     scores[1][3] = bad
+    scores = [s.to(device) for s in scores]
     with pytest.raises(RuntimeError, match=r"scores\[1\] contains 1 NaN or Inf"):
         ops.global_kth_value(scores, 3)
 

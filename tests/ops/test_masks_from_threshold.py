@@ -41,15 +41,36 @@ def test_random_scores_exact_count(device, remove_largest, dtype):
             assert m.dtype == torch.bool and torch.equal(m.cpu(), want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("remove_largest", [False, True])
-def test_ties_removed_in_global_order(remove_largest):
+def test_ties_removed_in_global_order(device, remove_largest):
+    skip_without_kernel("masks_from_threshold", device)
     # Every score ties: exactly num_remove go, the earliest (tensor order, then flat order) first.
-    scores = [torch.full((5,), 0.5), torch.full((3, 2), 0.5), torch.full((70_000,), 0.5)]
+    scores = [torch.full((5,), 0.5, device=device), torch.full((3, 2), 0.5, device=device),
+              torch.full((70_000,), 0.5, device=device)]
     for r in [0, 1, 4, 5, 6, 11, 12, 5000, 70_011]:
-        masks, kept = ops.masks_from_threshold(scores, torch.tensor(0.5), r, remove_largest)
-        flat = torch.cat([m.flatten() for m in masks])
+        masks, kept = ops.masks_from_threshold(scores, torch.tensor(0.5, device=device), r, remove_largest)
+        flat = torch.cat([m.flatten() for m in masks]).cpu()
         assert int((~flat).sum()) == r
         assert not flat[:r].any() and flat[r:].all()
+        assert kept.tolist() == [int(m.sum()) for m in masks]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_masks_identical_to_cpu(dtype):
+    skip_without_kernel("masks_from_threshold", "cuda")
+    # Few distinct values: many ties, spread over many blocks of each tensor.
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.randint(0, 7, s, generator=g).to(dtype) for s in [(300, 3, 3, 3), (1,), (0,), (123_457,)]]
+    n = sum(s.numel() for s in scores)
+    for remove_largest in (False, True):
+        for r in [1, n // 7, n // 2, n - 3]:
+            cpu_masks, cpu_kept = _select(scores, r, remove_largest)
+            cuda_masks, cuda_kept = _select([s.cuda() for s in scores], r, remove_largest)
+            assert cuda_kept.device.type == "cuda" and torch.equal(cuda_kept.cpu(), cpu_kept)
+            for a, b in zip(cpu_masks, cuda_masks):
+                assert torch.equal(a, b.cpu())
 
 
 @settings(max_examples=60, deadline=None)
@@ -68,17 +89,21 @@ def test_property_heavy_ties(values, remove_largest, data):
         assert torch.equal(m, want)
 
 
-def test_inconsistent_threshold_raises():
-    scores = [torch.arange(10.0)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_inconsistent_threshold_raises(device):
+    skip_without_kernel("masks_from_threshold", device)
+    scores = [torch.arange(10.0, device=device)]
     with pytest.raises(RuntimeError, match="cannot remove exactly num_remove=2"):
-        ops.masks_from_threshold(scores, torch.tensor(5.0), 2, False)
+        ops.masks_from_threshold(scores, torch.tensor(5.0, device=device), 2, False)
 
 
-def test_non_finite_raises():
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_raises(device):
+    skip_without_kernel("masks_from_threshold", device)
     s = torch.arange(10.0)
     s[4] = float("nan")
     with pytest.raises(RuntimeError, match=r"scores\[0\] contains NaN or Inf"):
-        ops.masks_from_threshold([s], torch.tensor(2.0), 2, False)
+        ops.masks_from_threshold([s.to(device)], torch.tensor(2.0, device=device), 2, False)
 
 
 def test_bad_arguments():

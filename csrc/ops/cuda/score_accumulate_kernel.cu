@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "ops/cuda/launch.cuh"
 #include "ops/score_accumulate.h"
 
 namespace graspext::ops {
@@ -32,13 +33,9 @@ template <typename scalar_t, ScoreMode kMode>
 void launch(const at::Tensor& s, const at::Tensor& w, const at::Tensor& v, scalar_t alpha) {
   const int64_t n = s.numel();
   if (n == 0) return;
-  constexpr int kThreads = 256;
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, s.get_device()));
-  const int64_t max_blocks = sm_count * int64_t{8};
-  const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks));
-  accumulate_kernel<scalar_t, kMode><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      s.data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), alpha, n);
+  accumulate_kernel<scalar_t, kMode>
+      <<<grid_size(n, kThreadsPerBlock), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          s.data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), alpha, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,124 @@
+"""GPU benchmarks of the scoring ops (skipped without CUDA): global selection over 20 M / 138 M / 1 B scores
+against torch.kthvalue and torch.topk on the concatenation, and GraSP scoring of VGG19-CIFAR (100 images)
+and ResNet50 at ImageNet resolution (128 synthetic images) against the official loop.
+
+Every timed call ends with torch.cuda.synchronize(); peak memory is torch.cuda.max_memory_allocated() above
+what was allocated before the call, stored in each benchmark's extra_info.
+
+Run: python -m pytest benchmarks/test_gpu_scoring.py --benchmark-group-by=group
+"""
+
+import pytest
+import torch
+
+from workloads import grasp_graspext, grasp_official, vgg19_cifar_setup
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SIZES = {"20M": 20_035_200, "138M": 138_357_544, "1B": 1_000_000_000}
+
+
+def _timed_with_peak(benchmark, fn, *args, rounds=5, **kwargs):
+    """Benchmarks fn (synchronized) and records the peak GPU memory one call adds."""
+    def call():
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = call()
+    benchmark.extra_info["peak_added_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1)
+    return out
+
+
+@pytest.fixture(scope="module", params=list(SIZES))
+def scores(request):
+    total = SIZES[request.param]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = torch.linspace(1, 4, 16)
+    sizes = (weights / weights.sum() * total).long()
+    sizes[-1] += total - int(sizes.sum())
+    tensors = [torch.randn(int(n), generator=g, device="cuda") for n in sizes]
+    yield tensors, int(total * 0.98)
+    del tensors
+    torch.cuda.empty_cache()
+
+
+def _kth_graspext(s, k):
+    from graspext import ops
+    return ops.global_kth_value(s, k)
+
+
+def _kth_torch(s, k):
+    return torch.kthvalue(torch.cat([t.flatten() for t in s]), k).values
+
+
+def _topk_torch(s, k):
+    flat = torch.cat([t.flatten() for t in s])
+    return torch.topk(flat, flat.numel() - k + 1).values.min()  # the k-th smallest as the smallest kept
+
+
+@pytest.mark.parametrize("impl", ["graspext", "torch.kthvalue(cat)", "torch.topk(cat)"])
+def test_global_kth_value_cuda(benchmark, scores, impl):
+    s, k = scores
+    benchmark.group = f"CUDA global k-th value over {sum(t.numel() for t in s) / 1e6:.0f}M scores"
+    fn = {"graspext": _kth_graspext, "torch.kthvalue(cat)": _kth_torch, "torch.topk(cat)": _topk_torch}[impl]
+    try:
+        got = _timed_with_peak(benchmark, fn, s, k)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        pytest.skip(f"{impl} does not fit in GPU memory at this size")
+    if impl != "graspext":
+        assert got.item() == _kth_graspext(s, k).item()
+
+
+@pytest.fixture(scope="module")
+def vgg19_cuda():
+    model, x, y = vgg19_cifar_setup()
+    return model.cuda(), x.cuda(), y.cuda()
+
+
+@pytest.fixture(scope="module")
+def resnet50_cuda():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=1000).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    y = torch.arange(128, device="cuda") % 1000
+    x = torch.randn(128, 3, 224, 224, generator=g, device="cuda")
+    return model, x, y
+
+
+IMPLS = ["official", "exact", "forward_over_reverse", "finite_difference"]
+
+
+def _grasp(impl, model, x, y):
+    if impl == "official":
+        return grasp_official(model, x, y)
+    return grasp_graspext(model, x, y, engine=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grasp_vgg19_cifar_cuda(benchmark, vgg19_cuda, impl):
+    benchmark.group = "CUDA GraSP scoring, VGG19-CIFAR, 100 images"
+    _timed_with_peak(benchmark, _grasp, impl, *vgg19_cuda, rounds=3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grasp_resnet50_imagenet_cuda(benchmark, resnet50_cuda, impl):
+    benchmark.group = "CUDA GraSP scoring, ResNet50, 128 images at 224x224"
+    _timed_with_peak(benchmark, _grasp, impl, *resnet50_cuda, rounds=3)
+
+
+def test_exact_masks_identical_to_official_cuda(vgg19_cuda):
+    model, x, y = vgg19_cuda
+    ours = grasp_graspext(model, x, y)
+    ref = grasp_official(model, x, y)
+    # As on the CPU: the official `<=` keeps the threshold weight itself; nothing else may differ.
+    extra = sum(int((ref[n] & ~ours[n]).sum()) for n in ref)
+    missing = sum(int((ours[n] & ~ref[n]).sum()) for n in ref)
+    assert (extra, missing) == (1, 0)
