@@ -184,8 +184,9 @@ class GraSP(Method):
             # step can stay well above float32 round-off; without, only a step below the nearest kink works,
             # which float64 alone can resolve.
             rel = FROZEN_RELATIVE_STEP if patterns is not None else math.sqrt(torch.finfo(theta[0].dtype).eps)
-            theta_norm = math.sqrt(sum(float(t.double().square().sum()) for t in theta))
-            g_norm = math.sqrt(sum(float(gi.double().square().sum()) for gi in g))
+            # Both squared norms summed on the device, then one copy to the host (not one per tensor).
+            sq = torch.stack([sum(t.double().square().sum() for t in ts) for ts in (theta, g)]).tolist()
+            theta_norm, g_norm = math.sqrt(sq[0]), math.sqrt(sq[1])
             eps = rel * (1.0 + theta_norm) / max(g_norm, 1e-30)
         perturbed = [replace_weight(work, n, t + eps * gi) for n, t, gi in zip(module_names, theta, g)]
         # g's own storage becomes the accumulator: .grad starts at -g and autograd adds each chunk's gradient
