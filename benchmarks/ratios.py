@@ -116,7 +116,8 @@ def sparse_tables(repeats: int, quick: bool) -> None:
     for channels, size in BATCH_NORM_SHAPES:
         case = BatchNormCase(channels, size)
         torch_ms, fused_ms = ms(case.torch), ms(case.fused)
-        print(f"| {channels}x{size}x{size} | {torch_ms:.2f} | {fused_ms:.2f} | {torch_ms / fused_ms:.2f}x |", flush=True)
+        print(f"| {channels}x{size}x{size} | {torch_ms:.2f} | {fused_ms:.2f} | {torch_ms / fused_ms:.2f}x |",
+              flush=True)
     print("\n| train step, batch 128 (GraSP masks) | dense ms | " + " | ".join(
         f"sparse {s:.0%} ms (speedup)" for s in sparsities[:3]) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in sparsities[:3]) + " |")

@@ -2,8 +2,9 @@
 
 The ops read only the kept weights (see :class:`graspext.nn.pattern.SparsePattern`) and return NCHW-shaped
 tensors with batch-innermost ``[H, W, C, N]`` storage. Elementwise ops keep that layout, and the next sparse op
-reads it (or any other input whose batch has stride 1) without a copy; ``graspext.nn`` makes BatchNorm and pooling keep it too. A linear layer is the
-same product on a 1x1 image: its input ``[N, in]`` is ``[N, in, 1, 1]``.
+reads it (or any other input whose batch has stride 1) without a copy; ``graspext.nn`` makes BatchNorm and
+pooling keep it too. A linear layer is the same product on a 1x1 image: its input ``[N, in]`` is
+``[N, in, 1, 1]``.
 """
 
 from __future__ import annotations

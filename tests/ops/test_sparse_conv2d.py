@@ -49,7 +49,7 @@ def _case(n, cin, cout, h, w, k, density, dtype, seed, bias=True):
     return x, weight, b, mask
 
 
-def _check_conv(x, weight, b, mask, stride, padding, tol):
+def _check_conv(x, weight, b, mask, stride, padding, tol, grad_layout=lambda g: g):
     pattern = SparsePattern.from_mask(mask)
     values = pattern.gather(weight).requires_grad_()
     xs = x.clone().requires_grad_()
@@ -61,7 +61,7 @@ def _check_conv(x, weight, b, mask, stride, padding, tol):
     br = b.clone().requires_grad_() if b is not None else None
     yr = F.conv2d(xr, wr * mask, br, stride, padding)
     torch.testing.assert_close(y, yr, **tol)
-    grad = torch.randn_like(yr)
+    grad = grad_layout(torch.randn_like(yr))
     grads = torch.autograd.grad(y, [t for t in (xs, values, bs) if t is not None], grad)
     grads_ref = torch.autograd.grad(yr, [t for t in (xr, wr, br) if t is not None], grad)
     torch.testing.assert_close(grads[0], grads_ref[0], **tol)
@@ -122,16 +122,22 @@ def test_conv_degenerate_masks(isa, pruned):
     _check_conv(x, weight * mask, b, mask, 1, 1, F64)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous", "batch_innermost"])
+def _chwn(t):
+    return t.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous", "batch_innermost", "CHWN"])
 def test_conv_any_input_layout(layout):
     x, weight, b, mask = _case(9, 6, 4, 8, 8, 3, 0.4, torch.float64, seed=5)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "non_contiguous":
         x = torch.cat([x, x], dim=3)[:, :, :, ::2]
-    else:
+    elif layout == "batch_innermost":
         x = to_batch_innermost(x)
-    _check_conv(x, weight, b, mask, 1, 1, F64)
+    else:  # batch stride 1 in another order: read in place through its strides (the gradient too)
+        x = _chwn(x)
+    _check_conv(x, weight, b, mask, 1, 1, F64, grad_layout=_chwn if layout == "CHWN" else (lambda g: g))
 
 
 def test_output_is_batch_innermost():

@@ -8,9 +8,9 @@
 // of its own per instruction set for the same reason.
 //
 // Register tiles: kPos consecutive output positions times kVecs vectors of the batch. A pixel of one
-// channel is `batch` contiguous values (`pixel` elements apart from the next column's), so a tile as wide as the batch reads whole cache lines and no
-// line is fetched twice; the position count then fills the register file (accumulators: 16 of AVX-512's
-// 32 registers, 8 of the 16 that AVX2 and SSE have).
+// channel is `batch` contiguous values (the next column's are `pixel` elements on), so a tile as wide as the
+// batch reads whole cache lines and no line is fetched twice; the position count then fills the register
+// file (accumulators: 16 of AVX-512's 32 registers, 8 of the 16 that AVX2 and SSE have).
 
 namespace graspext::cpu::GRASPEXT_ISA {
 
@@ -282,9 +282,8 @@ void gather(const GatherConvArgs<T>& a, CacheBlocking blk, int64_t item_begin, i
 
 template <typename T, int kPos, int kVecs, bool kFull, bool kInterior>
 inline void sddmm_tile(const T* go, int64_t go_pixel, const T* in, int64_t in_pixel, const TapScratch<T>& taps,
-                       int64_t ntaps,
-                       const int32_t* col_map, int64_t out_w, int64_t x0, int npos, int64_t step, BatchTile bt,
-                       typename Vec<T>::type* partial, bool single_pass) {
+                       int64_t ntaps, const int32_t* col_map, int64_t out_w, int64_t x0, int npos, int64_t step,
+                       BatchTile bt, typename Vec<T>::type* partial, bool single_pass) {
   using V = Vec<T>;
   using v_t = typename V::type;
   constexpr int kAcc = kVecs < 4 ? kVecs : 4;
