@@ -51,6 +51,12 @@ def select_masks(scores: Sequence[Tensor], num_remove: int, remove_largest: bool
     k = total - num_remove + 1 if remove_largest else num_remove
     threshold = ops.global_kth_value(flat, k)
     masks, kept = ops.masks_from_threshold(flat, threshold, num_remove, remove_largest)
+    # The masks' own counts must match the kernel's and the request (one copy to the host for both): a
+    # kernel fault raises here instead of handing out a wrong mask.
+    counted, kept = torch.stack([torch.stack([m.sum() for m in masks]), kept.to(masks[0].device)]).cpu()
+    if not torch.equal(counted, kept) or int(kept.sum()) != total - num_remove:
+        raise RuntimeError(f"mask selection kept {counted.tolist()} (kernel reported {kept.tolist()}) where "
+                           f"{total - num_remove} of {total} scores should stay; this is a bug in graspext")
     return [m.to(device) for m in masks], [int(c) for c in kept.tolist()]
 
 

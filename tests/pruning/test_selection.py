@@ -132,3 +132,20 @@ def test_scores_api(make_model):
     s2 = gx.scores(model, "snip", class_sorted_batch(), masks=masks, seed=0)
     for n, t in s2.items():
         assert torch.all(t[~masks[n]] == 0)
+
+
+def test_a_wrong_kernel_count_raises_instead_of_returning_masks(monkeypatch):
+    from graspext import ops
+    from graspext.pruning import selection
+
+    real = ops.masks_from_threshold
+
+    def faulty(*args):
+        masks, kept = real(*args)
+        masks[0].view(-1)[0] = ~masks[0].view(-1)[0]  # one flipped entry, counts as reported before
+        return masks, kept
+
+    monkeypatch.setattr(selection.ops, "masks_from_threshold", faulty)
+    scores = [torch.randn(20), torch.randn(7, 3)]
+    with pytest.raises(RuntimeError, match="bug in graspext"):
+        selection.select_masks(scores, 10, remove_largest=True)
