@@ -5,7 +5,7 @@
 #
 #   OUT=gpu-logs bash benchmarks/run_gpu.sh [quick]
 #
-# "quick" skips the 1 B-score selection and the ResNet50 scoring (for a short device slot).
+# "quick" skips the 1 B-score selection, the ResNet50 scoring and the 99 % layers (for a short device slot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-logs}
@@ -16,14 +16,21 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 
 python -m pip install --no-build-isolation -e . > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 
-# The CUDA cases of the op tests (the CPU ones run in CI), then the whole suite.
+# The CUDA cases of the op tests (the CPU ones run in CI), the same under compute-sanitizer's memcheck, then
+# the whole suite.
 python -m pytest tests/ops -q -k cuda 2>&1 | tee "$out/tests_cuda_ops.log" | tail -5
+if command -v compute-sanitizer > /dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests/ops -q -x -k cuda \
+    > "$out/memcheck.log" 2>&1 && echo "memcheck clean" || { echo "memcheck FAILED"; tail -30 "$out/memcheck.log"; }
+fi
 python -m pytest tests -q 2>&1 | tee "$out/tests_all.log" | tail -5
 
 select=()
 if [[ "${1:-}" == "quick" ]]; then
-  select=(-k "not 1B and not resnet50")
+  select=(-k "not 1B and not resnet50 and not 0.99")
 fi
-python -m pytest benchmarks/test_gpu_scoring.py "${select[@]}" --benchmark-group-by=group \
-  --benchmark-columns=median,iqr,rounds --benchmark-json "$out/gpu_scoring.json" 2>&1 \
-  | tee "$out/gpu_scoring.log" | tail -60
+for suite in gpu_scoring gpu_sparse; do
+  python -m pytest "benchmarks/test_$suite.py" "${select[@]}" --benchmark-group-by=group \
+    --benchmark-columns=median,iqr,rounds --benchmark-json "$out/$suite.json" 2>&1 \
+    | tee "$out/$suite.log" | tail -80
+done

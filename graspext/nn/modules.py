@@ -4,10 +4,11 @@ The trainable parameter is ``values`` (one entry per kept weight), so the optimi
 weight decay cost O(kept weights). The sparsity pattern lives in index buffers built once
 (:class:`~graspext.nn.pattern.SparsePattern`). Each layer runs in one of two modes:
 
-- ``"sparse"``: the graspext kernels (CPU, float32/float64);
+- ``"sparse"``: the graspext kernels (CPU, float32/float64; CUDA only with ``GRASPEXT_CUDA_SPARSE=1`` until
+  the CUDA kernels have been verified on a GPU);
 - ``"dense"``: the dense torch kernel on the weight scattered from ``values`` -- for layers where dense is
   faster (``graspext.sparsify`` measures or estimates this per layer), and for inputs the kernels do not
-  handle (CUDA until its kernels exist, other dtypes). The result is the same either way.
+  handle (CUDA unless enabled, other dtypes). The result is the same either way.
 
 ``state_dict`` holds a dense ``weight`` (zeros at pruned positions) and ``bias``, exactly the keys of
 ``nn.Conv2d`` / ``nn.Linear``: a checkpoint loads into the dense model as it is.
@@ -15,6 +16,7 @@ weight decay cost O(kept weights). The sparsity pattern lives in index buffers b
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -29,6 +31,13 @@ MODES = ("sparse", "dense")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _INDEX_NAMES = ("row_ptr", "row_taps", "col_ptr", "col_taps", "col_order")
 _warned: set[str] = set()
+
+
+def _cuda_kernels_enabled() -> bool:
+    """The CUDA sparse kernels compile in every CUDA build but have not run on a GPU yet: opt-in until then."""
+    from graspext._extension import has_cuda_kernel
+
+    return os.environ.get("GRASPEXT_CUDA_SPARSE") == "1" and has_cuda_kernel("sparse_conv2d")
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -97,9 +106,12 @@ class _SparseLayer(nn.Module):
     def _use_kernels(self, x: Tensor) -> bool:
         if self._mode != "sparse":
             return False
-        if x.device.type != "cpu":
-            _warn_once(f"device-{x.device.type}", f"graspext has no sparse kernels for {x.device.type} tensors yet; "
-                       "sparse layers compute densely there (same results)")
+        if x.device.type == "cuda" and _cuda_kernels_enabled():
+            pass
+        elif x.device.type != "cpu":
+            _warn_once(f"device-{x.device.type}", f"graspext's sparse kernels are not enabled for {x.device.type} "
+                       "tensors (CUDA: set GRASPEXT_CUDA_SPARSE=1 to try the unverified ones); sparse layers "
+                       "compute densely there (same results)")
             return False
         if x.dtype not in _KERNEL_DTYPES or x.dtype != self.values.dtype:
             _warn_once(f"dtype-{x.dtype}", f"graspext's sparse kernels take float32/float64 input matching the "

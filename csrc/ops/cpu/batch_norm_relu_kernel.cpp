@@ -15,6 +15,10 @@
 #include <type_traits>
 #include <vector>
 
+// GCC warns that passing or returning 64-byte vectors changes the ABI where AVX-512 is off; the helpers that
+// do are always inlined into the clones below, so no such call exists.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace graspext::ops {
 namespace {
 
@@ -29,10 +33,6 @@ constexpr int64_t kBlocks = 64;  // fixed split of P for the per-channel sums (n
 
 // 64 bytes of T as a GCC vector: each clone lowers it to the registers its instruction set has (one zmm,
 // two ymm, four xmm), where auto-vectorized reductions came out as scalar shuffles.
-// GCC warns that returning a 64-byte vector changes the ABI where AVX-512 is off; these helpers are always
-// inlined into the clones, so no such call exists.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
 template <typename T>
 struct Vec {
   static constexpr int kWidth = 64 / sizeof(T);
@@ -46,7 +46,6 @@ struct Vec {
     return s;
   }
 };
-#pragma GCC diagnostic pop
 
 // One channel-row of n values: the sum and the sum of squares of (x - shift).
 template <typename T>

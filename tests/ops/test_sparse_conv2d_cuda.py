@@ -1,0 +1,103 @@
+"""The CUDA sparse convolution and linear ops against F.conv2d / F.linear in float64 (skipped without CUDA)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graspext import ops
+from graspext.nn.pattern import SparsePattern
+from tests.conftest import skip_without_kernel
+from tests.ops.test_sparse_conv2d import CASES, F64, _case
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def _needs_kernel():
+    skip_without_kernel("sparse_conv2d", "cuda")
+
+
+def _leaf(t, device):
+    return t.to(device).requires_grad_() if t is not None else None
+
+
+def _check_conv_cuda(x, weight, b, mask, stride, padding):
+    pattern = SparsePattern.from_mask(mask).to("cuda")
+    values = pattern.gather(weight.cuda()).requires_grad_()
+    xs, bs = _leaf(x, "cuda"), _leaf(b, "cuda")
+    y = ops.sparse_conv2d(xs, values, pattern, bs, stride, padding)
+    assert y.is_cuda and y.stride(0) == 1
+    xr, wr, br = _leaf(x, "cpu"), _leaf(weight, "cpu"), _leaf(b, "cpu")
+    yr = F.conv2d(xr, wr * mask, br, stride, padding)
+    torch.testing.assert_close(y.cpu(), yr, **F64)
+    grad = torch.randn_like(yr)
+    grads = torch.autograd.grad(y, [t for t in (xs, values, bs) if t is not None], grad.cuda())
+    grads_ref = torch.autograd.grad(yr, [t for t in (xr, wr, br) if t is not None], grad)
+    torch.testing.assert_close(grads[0].cpu(), grads_ref[0], **F64)
+    torch.testing.assert_close(grads[1].cpu(), SparsePattern.from_mask(mask).gather(grads_ref[1]), **F64)
+    if b is not None:
+        torch.testing.assert_close(grads[2].cpu(), grads_ref[2], **F64)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_conv_matches_dense_float64(case):
+    n, cin, cout, h, w, k, stride, padding, density = case
+    x, weight, b, mask = _case(n, cin, cout, h, w, k, density, torch.float64, seed=hash(case) % 1000)
+    _check_conv_cuda(x, weight, b, mask, stride, padding)
+
+
+@pytest.mark.parametrize("pruned", ["empty", "dense", "rows", "input_channels"])
+def test_conv_degenerate_masks(pruned):
+    x, weight, b, mask = _case(6, 5, 7, 6, 6, 3, 0.5, torch.float64, seed=3)
+    if pruned == "empty":
+        mask[:] = False
+    elif pruned == "dense":
+        mask[:] = True
+    elif pruned == "rows":
+        mask[[0, 3, 6]] = False
+    else:
+        mask[:, [1, 2]] = False
+    _check_conv_cuda(x, weight * mask, b, mask, 1, 1)
+
+
+@pytest.mark.parametrize("n,fin,fout,density", [(1, 7, 5, 0.5), (33, 64, 40, 0.1), (256, 300, 129, 0.05)])
+def test_linear_matches_dense_float64(n, fin, fout, density):
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(fout, fin, generator=g) < density
+    weight = torch.randn(fout, fin, generator=g, dtype=torch.float64) * mask
+    x = torch.randn(n, fin, generator=g, dtype=torch.float64)
+    b = torch.randn(fout, generator=g, dtype=torch.float64)
+    pattern = SparsePattern.from_mask(mask).to("cuda")
+    values = pattern.gather(weight.cuda()).requires_grad_()
+    xs, bs = _leaf(x, "cuda"), _leaf(b, "cuda")
+    y = ops.sparse_linear(xs, values, pattern, bs)
+    xr, wr, br = _leaf(x, "cpu"), _leaf(weight, "cpu"), _leaf(b, "cpu")
+    yr = F.linear(xr, wr * mask, br)
+    torch.testing.assert_close(y.cpu(), yr, **F64)
+    grad = torch.randn_like(yr)
+    y.backward(grad.cuda())
+    yr.backward(grad)
+    torch.testing.assert_close(xs.grad.cpu(), xr.grad, **F64)
+    torch.testing.assert_close(values.grad.cpu(), SparsePattern.from_mask(mask).gather(wr.grad), **F64)
+    torch.testing.assert_close(bs.grad.cpu(), br.grad, **F64)
+
+
+def test_gradcheck_and_opcheck():
+    x, weight, b, mask = _case(3, 3, 4, 5, 5, 3, 0.5, torch.float64, seed=11)
+    pattern = SparsePattern.from_mask(mask).to("cuda")
+    values = pattern.gather(weight.cuda())
+    args = (x.cuda().requires_grad_(), values.requires_grad_(), b.cuda().requires_grad_())
+    torch.autograd.gradcheck(lambda x_, v_, b_: ops.sparse_conv2d(x_, v_, pattern, b_, 2, 1), args)
+    torch.library.opcheck(torch.ops.graspext.sparse_conv2d.default,
+                          (*args[:2], *pattern.tensors(), args[2], list(pattern.weight_shape), [2, 2], [1, 1]))
+
+
+def test_bad_index_raises():
+    x, weight, b, mask = _case(2, 3, 4, 5, 5, 3, 0.5, torch.float32, seed=0)
+    pattern = SparsePattern.from_mask(mask).to("cuda")
+    row_ptr, row_taps, *rest = pattern.tensors()
+    bad_taps = row_taps.clone()
+    bad_taps[0] = 10_000
+    with pytest.raises(RuntimeError, match="row_taps has a tap outside"):
+        torch.ops.graspext.sparse_conv2d(x.cuda(), pattern.gather(weight.cuda()), row_ptr, bad_taps, *rest, None,
+                                         list(pattern.weight_shape), [1, 1], [1, 1])
