@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import (grasp_graspext, grasp_official, kth_graspext, kth_torch, measure_grasp,  # noqa: E402
-                       selection_scores, vgg19_cifar_setup)
+from workloads import (differences_from_official, grasp_graspext, grasp_official, kth_graspext,  # noqa: E402
+                       kth_torch, measure_grasp, selection_scores, vgg19_cifar_setup)
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -77,8 +77,7 @@ def grasp_table(repeats):
             ref_masks, ref_seconds, ref_peak = masks, seconds, peak
             diff = "-"
         else:
-            extra = sum(int((ref_masks[n] & ~masks[n]).sum()) for n in masks)
-            missing = sum(int((masks[n] & ~ref_masks[n]).sum()) for n in masks)
+            extra, missing = differences_from_official(masks, ref_masks)
             kept = sum(int((ref_masks[n] & masks[n]).sum()) for n in masks) / sum(int(m.sum()) for m in masks.values())
             diff = f"+{missing}/-{extra} ({kept:.2%} of kept shared)"
         rows.append((impl, seconds, peak, ref_seconds / seconds, peak / ref_peak, diff))

@@ -60,6 +60,14 @@ def grasp_graspext(model, x, y, sparsity=0.98, seed=0, engine="exact"):
     return gx.prune(model, "grasp", sparsity, (x, y), seed=seed, engine=engine)
 
 
+def differences_from_official(ours: dict, ref: dict) -> tuple[int, int]:
+    """(kept only by the official loop, kept only by graspext). The official `<=` keeps the threshold weight
+    itself, one more than asked, so the exact engine's expected difference is (1, 0)."""
+    extra = sum(int((ref[n] & ~ours[n]).sum()) for n in ref)
+    missing = sum(int((ours[n] & ~ref[n]).sum()) for n in ref)
+    return extra, missing
+
+
 def _read_status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -32,4 +32,16 @@ inline int64_t total_numel(at::TensorList list) {
   return n;
 }
 
+// The arguments of masks_from_threshold, for every backend. Returns the scores' dtype.
+inline c10::ScalarType check_masks_from_threshold_args(at::TensorList scores, const at::Tensor& threshold,
+                                                       int64_t num_remove) {
+  const auto dtype = check_score_list(scores, "scores");
+  TORCH_CHECK(threshold.numel() == 1, "threshold must hold a single value, got shape ", threshold.sizes());
+  TORCH_CHECK(threshold.device() == scores[0].device(), "threshold is on ", threshold.device(),
+              " but scores are on ", scores[0].device());
+  const int64_t n = total_numel(scores);
+  TORCH_CHECK(num_remove >= 0 && num_remove <= n, "num_remove must be in [0, ", n, "], got ", num_remove);
+  return dtype;
+}
+
 }  // namespace graspext::ops

@@ -1,5 +1,7 @@
 #include "ops/sparse_conv2d.h"
 
+#include <ATen/Functions.h>
+
 #include <torch/library.h>
 
 namespace graspext::ops {
@@ -54,7 +56,23 @@ void check_sparse_index(const at::Tensor& ptr, const at::Tensor& taps, const at:
                 " must be an int32 vector of ", nnz, " value positions, got ", order->scalar_type(), " of shape ",
                 order->sizes());
   }
-  if (!ptr.device().is_cpu()) return;  // the CUDA kernels check the same on the device
+  if (!ptr.device().is_cpu()) {
+    // The same checks as below, as tensor ops on the device, with one copy of the verdicts to the host.
+    const auto outside = [&](const at::Tensor& t, int64_t end) {  // any value outside [0, end), as int64
+      return t.numel() ? at::logical_or(at::lt(t, 0), at::ge(t, end)).any().to(at::kLong)
+                       : at::zeros({}, ptr.options());
+    };
+    const auto bad = at::stack({at::logical_or(at::ne(ptr[0], 0), at::ne(ptr[rows], nnz)).to(at::kLong),
+                                at::lt(at::diff(ptr), 0).any().to(at::kLong), outside(taps, taps_per_row),
+                                order ? outside(*order, nnz) : at::zeros({}, ptr.options())})
+                         .cpu();
+    const auto* b = bad.const_data_ptr<int64_t>();
+    TORCH_CHECK(!b[0], ptr_name, " must start at 0 and end at the number of values (", nnz, ")");
+    TORCH_CHECK(!b[1], ptr_name, " must be non-decreasing");
+    TORCH_CHECK(!b[2], taps_name, " has a tap outside [0, ", taps_per_row, ")");
+    TORCH_CHECK(!b[3], order_name, " has a position outside [0, ", nnz, ")");
+    return;
+  }
   const auto* p = ptr.const_data_ptr<int64_t>();
   TORCH_CHECK(ptr.is_contiguous() && taps.is_contiguous(), ptr_name, " and ", taps_name, " must be contiguous");
   TORCH_CHECK(p[0] == 0 && p[rows] == nnz, ptr_name, " must start at 0 and end at the number of values (", nnz,
@@ -83,6 +101,97 @@ void check_values(const at::Tensor& values, const at::Tensor& like, const char* 
               like_name, " has ", like.scalar_type(), "; they must match");
   TORCH_CHECK(values.device() == like.device(), "values is on ", values.device(), " but ", like_name, " is on ",
               like.device());
+}
+
+void check_image(const at::Tensor& t, const char* name, c10::DeviceType device) {
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.device().type() == device, name, " must be a ", c10::DeviceTypeName(device),
+              " tensor here, got ", t.device());
+}
+
+namespace {
+void check_grad_output_shape(const at::Tensor& grad_output, const ConvGeometry& g) {
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_h, g.out_w}),
+              "grad_output must have shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
+              "], got ", grad_output.sizes());
+}
+}  // namespace
+
+ConvGeometry check_forward_args(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                                const at::Tensor& row_taps, const std::optional<at::Tensor>& bias,
+                                at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                                c10::DeviceType device) {
+  check_image(input, "input", device);
+  const auto g = make_conv_geometry(input.sizes(), weight_shape, stride, padding);
+  check_values(values, input, "input");
+  check_sparse_index(row_ptr, row_taps, nullptr, g.out_channels, g.in_channels * g.kernel_h * g.kernel_w,
+                     values.numel(), "row_ptr", "row_taps", "");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.out_channels, "bias must have shape [", g.out_channels,
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias has dtype ", bias->scalar_type(),
+                " but input has ", input.scalar_type());
+    TORCH_CHECK(bias->device() == input.device(), "bias is on ", bias->device(), " but input is on ",
+                input.device());
+  }
+  return g;
+}
+
+ConvGeometry check_backward_input_args(const at::Tensor& grad_output, const at::Tensor& values,
+                                       const at::Tensor& col_ptr, const at::Tensor& col_taps,
+                                       const at::Tensor& col_order, at::IntArrayRef weight_shape,
+                                       at::IntArrayRef input_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+                                       c10::DeviceType device) {
+  check_image(grad_output, "grad_output", device);
+  check_values(values, grad_output, "grad_output");
+  const auto g = make_conv_geometry(input_shape, weight_shape, stride, padding);
+  check_grad_output_shape(grad_output, g);
+  check_sparse_index(col_ptr, col_taps, &col_order, g.in_channels, g.out_channels * g.kernel_h * g.kernel_w,
+                     values.numel(), "col_ptr", "col_taps", "col_order");
+  return g;
+}
+
+ConvGeometry check_backward_weight_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                        const at::Tensor& row_ptr, const at::Tensor& row_taps,
+                                        at::IntArrayRef weight_shape, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, c10::DeviceType device) {
+  check_image(grad_output, "grad_output", device);
+  check_image(input, "input", device);
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output has dtype ",
+              grad_output.scalar_type(), " but input has ", input.scalar_type());
+  const auto g = make_conv_geometry(input.sizes(), weight_shape, stride, padding);
+  check_grad_output_shape(grad_output, g);
+  check_sparse_index(row_ptr, row_taps, nullptr, g.out_channels, g.in_channels * g.kernel_h * g.kernel_w,
+                     row_taps.numel(), "row_ptr", "row_taps", "");
+  return g;
+}
+
+at::Tensor empty_batch_innermost(int64_t n, int64_t c, int64_t h, int64_t w, const at::TensorOptions& options) {
+  return at::empty_strided({n, c, h, w}, {1, n, w * c * n, c * n}, options);
+}
+
+at::Tensor batch_innermost(const at::Tensor& x) {
+  if (x.stride(0) == 1 || x.size(0) == 1) return x;
+  auto out = empty_batch_innermost(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
+  out.copy_(x);
+  return out;
+}
+
+at::Tensor sparse_linear_via(ForwardInto forward_into, const at::Tensor& input, const at::Tensor& values,
+                             const at::Tensor& row_ptr, const at::Tensor& row_taps,
+                             const std::optional<at::Tensor>& bias, c10::DeviceType device) {
+  TORCH_CHECK(input.dim() == 2, "input must be 2-D (N, in_features), got shape ", input.sizes());
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "row_ptr must be a vector of out_features + 1 offsets");
+  const int64_t n = input.size(0), out_features = row_ptr.numel() - 1;
+  const auto image_in = input.unsqueeze(2).unsqueeze(3);
+  const auto g = check_forward_args(image_in, values, row_ptr, row_taps, bias, {out_features, input.size(1), 1, 1},
+                                    {1, 1}, {0, 0}, device);
+  auto out = at::empty_strided({n, out_features}, {1, n}, input.options());
+  auto image = out.as_strided({n, out_features, 1, 1}, {1, n, n, n});
+  forward_into(image_in, values, row_ptr, row_taps, bias, g, image);
+  return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(graspext, m) {

@@ -108,8 +108,11 @@ def test_conv_matches_dense_float32(isa, case):
     _check_conv(x, weight, b, mask, stride, padding, F32)
 
 
-@pytest.mark.parametrize("pruned", ["empty", "dense", "rows", "input_channels"])
-def test_conv_degenerate_masks(isa, pruned):
+DEGENERATE = ["empty", "dense", "rows", "input_channels"]
+
+
+def degenerate_case(pruned):
+    """A 5->7 3x3 case whose mask is empty, full, or has whole output rows or input channels pruned."""
     x, weight, b, mask = _case(6, 5, 7, 6, 6, 3, 0.5, torch.float64, seed=3)
     if pruned == "empty":
         mask[:] = False
@@ -119,7 +122,12 @@ def test_conv_degenerate_masks(isa, pruned):
         mask[[0, 3, 6]] = False  # output channels with no kept weight: bias only
     else:
         mask[:, [1, 2]] = False  # input channels no weight reads: their input gradient is zero
-    _check_conv(x, weight * mask, b, mask, 1, 1, F64)
+    return x, weight * mask, b, mask
+
+
+@pytest.mark.parametrize("pruned", DEGENERATE)
+def test_conv_degenerate_masks(isa, pruned):
+    _check_conv(*degenerate_case(pruned), 1, 1, F64)
 
 
 def _chwn(t):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from graspext import ops
 from graspext.nn.pattern import SparsePattern
 from tests.conftest import skip_without_kernel
-from tests.ops.test_sparse_conv2d import CASES, F64, _case
+from tests.ops.test_sparse_conv2d import CASES, DEGENERATE, F64, _case, degenerate_case
 
 pytestmark = pytest.mark.cuda
 
@@ -46,18 +46,9 @@ def test_conv_matches_dense_float64(case):
     _check_conv_cuda(x, weight, b, mask, stride, padding)
 
 
-@pytest.mark.parametrize("pruned", ["empty", "dense", "rows", "input_channels"])
+@pytest.mark.parametrize("pruned", DEGENERATE)
 def test_conv_degenerate_masks(pruned):
-    x, weight, b, mask = _case(6, 5, 7, 6, 6, 3, 0.5, torch.float64, seed=3)
-    if pruned == "empty":
-        mask[:] = False
-    elif pruned == "dense":
-        mask[:] = True
-    elif pruned == "rows":
-        mask[[0, 3, 6]] = False
-    else:
-        mask[:, [1, 2]] = False
-    _check_conv_cuda(x, weight * mask, b, mask, 1, 1)
+    _check_conv_cuda(*degenerate_case(pruned), 1, 1)
 
 
 @pytest.mark.parametrize("n,fin,fout,density", [(1, 7, 5, 0.5), (33, 64, 40, 0.1), (256, 300, 129, 0.05)])

@@ -24,12 +24,7 @@ struct ItemCounts {
 std::tuple<std::vector<at::Tensor>, at::Tensor> masks_from_threshold_cpu(at::TensorList scores_in,
                                                                         const at::Tensor& threshold,
                                                                         int64_t num_remove, bool remove_largest) {
-  const auto dtype = check_score_list(scores_in, "scores");
-  TORCH_CHECK(threshold.numel() == 1, "threshold must hold a single value, got shape ", threshold.sizes());
-  TORCH_CHECK(threshold.device() == scores_in[0].device(), "threshold is on ", threshold.device(),
-              " but scores are on ", scores_in[0].device());
-  const int64_t n = total_numel(scores_in);
-  TORCH_CHECK(num_remove >= 0 && num_remove <= n, "num_remove must be in [0, ", n, "], got ", num_remove);
+  const auto dtype = check_masks_from_threshold_args(scores_in, threshold, num_remove);
   const auto scores = cpu::contiguous_all(scores_in);
   const auto items = cpu::make_work_items(scores, kItemSize);
   const auto num_items = static_cast<int64_t>(items.size());

@@ -65,32 +65,6 @@ std::string sparse_cpu_isa(c10::string_view isa) {
   return active_kernels().load()->isa;
 }
 
-void check_image(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor here, got ", t.device());
-}
-
-// An NCHW-shaped tensor stored batch-innermost, as the ops write their outputs: [H, W, C, N] in memory, so that
-// one pixel's channels and samples are contiguous. (A [C, H, W, N] order would put the same pixel of every
-// channel a multiple of H*W*N*4 bytes apart: for CIFAR shapes a multiple of 128 KiB, so a block's pixels of
-// all channels would compete for the same few L2 sets.) It is also the layout in which torch's BatchNorm and
-// pooling kernels run natively (graspext.nn.layout). Allocated with these strides rather than permuted, so
-// it is no view and callers may modify it in place (e.g. ReLU(inplace=True)).
-at::Tensor empty_batch_innermost(int64_t n, int64_t c, int64_t h, int64_t w, const at::TensorOptions& options) {
-  return at::empty_strided({n, c, h, w}, {1, n, w * c * n, c * n}, options);
-}
-
-// The kernels read any image whose batch has stride 1 in place (the outputs of these ops, in particular);
-// others are copied into the ops' layout once.
-at::Tensor batch_innermost(const at::Tensor& x) {
-  if (x.stride(0) == 1 || x.size(0) == 1) return x;
-  auto out = empty_batch_innermost(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
-  out.copy_(x);
-  return out;
-}
-
 cpu::ImageStrides image_strides(const at::Tensor& x) { return {x.stride(1), x.stride(2), x.stride(3)}; }
 
 // map[k * dst + d] = source index of destination d through kernel offset k, or -1 outside the source.
@@ -271,21 +245,10 @@ void gather_product(const Image& src, const Image& dst, int64_t batch, int64_t k
   });
 }
 
-// Writes the forward product into `out`, any [N, C, H, W] tensor whose batch has stride 1.
+// Writes the forward product into `out`, any [N, C, H, W] tensor whose batch has stride 1 (checked arguments).
 at::Tensor& sparse_conv2d_into(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
                                const at::Tensor& row_taps, const std::optional<at::Tensor>& bias,
                                const ConvGeometry& g, at::Tensor& out) {
-  check_image(input, "input");
-  check_values(values, input, "input");
-  const int64_t khw = g.kernel_h * g.kernel_w;
-  check_sparse_index(row_ptr, row_taps, nullptr, g.out_channels, g.in_channels * khw, values.numel(), "row_ptr",
-                     "row_taps", "");
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.out_channels, "bias must have shape [", g.out_channels,
-                "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias has dtype ", bias->scalar_type(),
-                " but input has ", input.scalar_type());
-  }
   if (out.numel() == 0) return out;
   const auto x = batch_innermost(input);
   const auto v = values.contiguous();
@@ -302,8 +265,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& values, 
                              const at::Tensor& col_order, const std::optional<at::Tensor>& bias,
                              at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding) {
   (void)col_ptr, (void)col_taps, (void)col_order;  // for the backward pass
-  TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, C, H, W), got shape ", input.sizes());
-  const auto g = make_conv_geometry(input.sizes(), weight_shape, stride, padding);
+  const auto g = check_forward_args(input, values, row_ptr, row_taps, bias, weight_shape, stride, padding, at::kCPU);
   auto out = empty_batch_innermost(g.batch, g.out_channels, g.out_h, g.out_w, input.options());
   return sparse_conv2d_into(input, values, row_ptr, row_taps, bias, g, out);
 }
@@ -313,14 +275,8 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_output, const
                                             const at::Tensor& col_order, at::IntArrayRef weight_shape,
                                             at::IntArrayRef input_shape, at::IntArrayRef stride,
                                             at::IntArrayRef padding) {
-  check_image(grad_output, "grad_output");
-  check_values(values, grad_output, "grad_output");
-  const auto g = make_conv_geometry(input_shape, weight_shape, stride, padding);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_h, g.out_w}),
-              "grad_output must have shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
-              "], got ", grad_output.sizes());
-  check_sparse_index(col_ptr, col_taps, &col_order, g.in_channels, g.out_channels * g.kernel_h * g.kernel_w,
-                     values.numel(), "col_ptr", "col_taps", "col_order");
+  const auto g = check_backward_input_args(grad_output, values, col_ptr, col_taps, col_order, weight_shape,
+                                           input_shape, stride, padding, at::kCPU);
   auto grad_input = empty_batch_innermost(g.batch, g.in_channels, g.in_h, g.in_w, grad_output.options());
   if (grad_input.numel() == 0) return grad_input;
   const auto dy = batch_innermost(grad_output);
@@ -353,17 +309,9 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, cons
                                              const at::Tensor& row_ptr, const at::Tensor& row_taps,
                                              at::IntArrayRef weight_shape, at::IntArrayRef stride,
                                              at::IntArrayRef padding) {
-  check_image(grad_output, "grad_output");
-  check_image(input, "input");
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output has dtype ",
-              grad_output.scalar_type(), " but input has ", input.scalar_type());
-  const auto g = make_conv_geometry(input.sizes(), weight_shape, stride, padding);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_h, g.out_w}),
-              "grad_output must have shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
-              "], got ", grad_output.sizes());
+  const auto g =
+      check_backward_weight_args(grad_output, input, row_ptr, row_taps, weight_shape, stride, padding, at::kCPU);
   const int64_t nnz = row_taps.numel();
-  check_sparse_index(row_ptr, row_taps, nullptr, g.out_channels, g.in_channels * g.kernel_h * g.kernel_w, nnz,
-                     "row_ptr", "row_taps", "");
   auto grad_values = at::zeros({nnz}, input.options());
   if (nnz == 0 || g.batch == 0) return grad_values;
   const auto dy = batch_innermost(grad_output);
@@ -421,15 +369,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& values, 
                              const at::Tensor& row_taps, const at::Tensor& col_ptr, const at::Tensor& col_taps,
                              const at::Tensor& col_order, const std::optional<at::Tensor>& bias) {
   (void)col_ptr, (void)col_taps, (void)col_order;  // for the backward pass
-  TORCH_CHECK(input.dim() == 2, "input must be 2-D (N, in_features), got shape ", input.sizes());
-  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "row_ptr must be a vector of out_features + 1 offsets");
-  const int64_t n = input.size(0), out_features = row_ptr.numel() - 1;
-  const auto g = make_conv_geometry({n, input.size(1), 1, 1}, {out_features, input.size(1), 1, 1}, {1, 1}, {0, 0});
-  // [N, out] with the batch innermost: the same storage as the [N, out, 1, 1] image the product writes.
-  auto out = at::empty_strided({n, out_features}, {1, n}, input.options());
-  auto image = out.as_strided({n, out_features, 1, 1}, {1, n, n, n});
-  sparse_conv2d_into(input.unsqueeze(2).unsqueeze(3), values, row_ptr, row_taps, bias, g, image);
-  return out;
+  return sparse_linear_via(&sparse_conv2d_into, input, values, row_ptr, row_taps, bias, at::kCPU);
 }
 
 }  // namespace

@@ -4,8 +4,8 @@
 // uniformly by a warp (broadcast loads).
 //   forward / input gradient: one thread per output value, looping over its row's kept taps;
 //   weight gradient: one warp per kept weight, reducing over pixels and samples.
-// Indices are validated on the device before use (one host synchronisation per index), as the CPU op
-// validates them on every call. Not yet run on a GPU: graspext.nn computes densely on CUDA until it is.
+// Indices are validated on the device before use (check_sparse_index: one host synchronisation per index),
+// as the CPU op validates them on every call. Not yet run on a GPU: graspext.nn computes densely on CUDA until it is.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
@@ -25,47 +25,6 @@ struct Strides {
 };
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(1), t.stride(2), t.stride(3)}; }
-
-// The ops' output layout, as on the CPU: [H, W, C, N] storage for an [N, C, H, W] tensor.
-at::Tensor empty_batch_innermost(int64_t n, int64_t c, int64_t h, int64_t w, const at::TensorOptions& options) {
-  return at::empty_strided({n, c, h, w}, {1, n, w * c * n, c * n}, options);
-}
-
-at::Tensor batch_innermost(const at::Tensor& x) {
-  if (x.stride(0) == 1 || x.size(0) == 1) return x;
-  auto out = empty_batch_innermost(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
-  out.copy_(x);
-  return out;
-}
-
-void check_cuda_image(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor here, got ", t.device());
-}
-
-// The host-side checks of check_sparse_index cover shapes and dtypes; the values are checked here.
-void check_index_values(const at::Tensor& ptr, const at::Tensor& taps, const at::Tensor* order, int64_t rows,
-                        int64_t taps_per_row, int64_t nnz, const char* ptr_name, const char* taps_name,
-                        const char* order_name) {
-  TORCH_CHECK(ptr.is_cuda() && taps.is_cuda() && (!order || order->is_cuda()), ptr_name, ", ", taps_name,
-              " and the values must be on the same CUDA device");
-  const auto steps = at::diff(ptr);
-  const auto outside = [&](const at::Tensor& t, int64_t end) {  // any value outside [0, end), as int64
-    return t.numel() ? at::logical_or(at::lt(t, 0), at::ge(t, end)).any().to(at::kLong)
-                     : at::zeros({}, ptr.options());
-  };
-  auto bad = at::stack({at::logical_or(at::ne(ptr[0], 0), at::ne(ptr[rows], nnz)).to(at::kLong),
-                        at::lt(steps, 0).any().to(at::kLong), outside(taps, taps_per_row),
-                        order ? outside(*order, nnz) : at::zeros({}, ptr.options())})
-                 .cpu();
-  const auto* b = bad.const_data_ptr<int64_t>();
-  TORCH_CHECK(!b[0], ptr_name, " must start at 0 and end at the number of values (", nnz, ")");
-  TORCH_CHECK(!b[1], ptr_name, " must be non-decreasing");
-  TORCH_CHECK(!b[2], taps_name, " has a tap outside [0, ", taps_per_row, ")");
-  TORCH_CHECK(!b[3], order_name, " has a position outside [0, ", nnz, ")");
-}
 
 // dst[row, y, x, n] = bias[row] + sum over the row's entries of value * src[c, sy, sx, n]. Forward: the row
 // is an output channel, tap = (c * kh + r) * kw + s, sy = y * stride - pad + r. Transposed (input gradient):
@@ -171,22 +130,10 @@ void launch_gather(const at::Tensor& src, const at::Tensor& dst, const ConvGeome
   });
 }
 
+// Writes the forward product into `out`, any [N, C, H, W] tensor whose batch has stride 1 (checked arguments).
 at::Tensor& sparse_conv2d_into_cuda(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
                                     const at::Tensor& row_taps, const std::optional<at::Tensor>& bias,
                                     const ConvGeometry& g, at::Tensor& out) {
-  check_cuda_image(input, "input");
-  check_values(values, input, "input");
-  const int64_t khw = g.kernel_h * g.kernel_w;
-  check_sparse_index(row_ptr, row_taps, nullptr, g.out_channels, g.in_channels * khw, values.numel(), "row_ptr",
-                     "row_taps", "");
-  check_index_values(row_ptr, row_taps, nullptr, g.out_channels, g.in_channels * khw, values.numel(), "row_ptr",
-                     "row_taps", "");
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.out_channels, "bias must have shape [", g.out_channels,
-                "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type() && bias->device() == input.device(),
-                "bias must match input's dtype and device");
-  }
   const c10::cuda::CUDAGuard guard(input.device());
   launch_gather<false>(batch_innermost(input), out, g, row_ptr.contiguous(), row_taps.contiguous(), nullptr,
                        values.contiguous(), bias ? bias->contiguous() : at::Tensor());
@@ -198,8 +145,7 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& input, const at::Tensor& values,
                               const at::Tensor& col_order, const std::optional<at::Tensor>& bias,
                               at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding) {
   (void)col_ptr, (void)col_taps, (void)col_order;  // for the backward pass
-  TORCH_CHECK(input.dim() == 4, "input must be 4-D (N, C, H, W), got shape ", input.sizes());
-  const auto g = make_conv_geometry(input.sizes(), weight_shape, stride, padding);
+  const auto g = check_forward_args(input, values, row_ptr, row_taps, bias, weight_shape, stride, padding, at::kCUDA);
   auto out = empty_batch_innermost(g.batch, g.out_channels, g.out_h, g.out_w, input.options());
   return sparse_conv2d_into_cuda(input, values, row_ptr, row_taps, bias, g, out);
 }
@@ -209,17 +155,8 @@ at::Tensor sparse_conv2d_backward_input_cuda(const at::Tensor& grad_output, cons
                                              const at::Tensor& col_order, at::IntArrayRef weight_shape,
                                              at::IntArrayRef input_shape, at::IntArrayRef stride,
                                              at::IntArrayRef padding) {
-  check_cuda_image(grad_output, "grad_output");
-  check_values(values, grad_output, "grad_output");
-  const auto g = make_conv_geometry(input_shape, weight_shape, stride, padding);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_h, g.out_w}),
-              "grad_output must have shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
-              "], got ", grad_output.sizes());
-  const int64_t taps_per_row = g.out_channels * g.kernel_h * g.kernel_w;
-  check_sparse_index(col_ptr, col_taps, &col_order, g.in_channels, taps_per_row, values.numel(), "col_ptr",
-                     "col_taps", "col_order");
-  check_index_values(col_ptr, col_taps, &col_order, g.in_channels, taps_per_row, values.numel(), "col_ptr",
-                     "col_taps", "col_order");
+  const auto g = check_backward_input_args(grad_output, values, col_ptr, col_taps, col_order, weight_shape,
+                                           input_shape, stride, padding, at::kCUDA);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   auto grad_input = empty_batch_innermost(g.batch, g.in_channels, g.in_h, g.in_w, grad_output.options());
   const auto order = col_order.contiguous();
@@ -232,18 +169,9 @@ at::Tensor sparse_conv2d_backward_weight_cuda(const at::Tensor& grad_output, con
                                               const at::Tensor& row_ptr, const at::Tensor& row_taps,
                                               at::IntArrayRef weight_shape, at::IntArrayRef stride,
                                               at::IntArrayRef padding) {
-  check_cuda_image(grad_output, "grad_output");
-  check_cuda_image(input, "input");
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output has dtype ",
-              grad_output.scalar_type(), " but input has ", input.scalar_type());
-  const auto g = make_conv_geometry(input.sizes(), weight_shape, stride, padding);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.batch, g.out_channels, g.out_h, g.out_w}),
-              "grad_output must have shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
-              "], got ", grad_output.sizes());
+  const auto g =
+      check_backward_weight_args(grad_output, input, row_ptr, row_taps, weight_shape, stride, padding, at::kCUDA);
   const int64_t nnz = row_taps.numel();
-  const int64_t taps_per_row = g.in_channels * g.kernel_h * g.kernel_w;
-  check_sparse_index(row_ptr, row_taps, nullptr, g.out_channels, taps_per_row, nnz, "row_ptr", "row_taps", "");
-  check_index_values(row_ptr, row_taps, nullptr, g.out_channels, taps_per_row, nnz, "row_ptr", "row_taps", "");
   const c10::cuda::CUDAGuard guard(input.device());
   auto grad_values = at::zeros({nnz}, input.options());
   if (nnz == 0 || g.batch == 0) return grad_values;
@@ -269,15 +197,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& input, const at::Tensor& values,
                               const at::Tensor& row_taps, const at::Tensor& col_ptr, const at::Tensor& col_taps,
                               const at::Tensor& col_order, const std::optional<at::Tensor>& bias) {
   (void)col_ptr, (void)col_taps, (void)col_order;  // for the backward pass
-  TORCH_CHECK(input.dim() == 2, "input must be 2-D (N, in_features), got shape ", input.sizes());
-  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "row_ptr must be a vector of out_features + 1 offsets");
-  const int64_t n = input.size(0), out_features = row_ptr.numel() - 1;
-  const auto g = make_conv_geometry({n, input.size(1), 1, 1}, {out_features, input.size(1), 1, 1}, {1, 1}, {0, 0});
-  // [N, out] with the batch innermost: the same storage as the [N, out, 1, 1] image the product writes.
-  auto out = at::empty_strided({n, out_features}, {1, n}, input.options());
-  auto image = out.as_strided({n, out_features, 1, 1}, {1, n, n, n});
-  sparse_conv2d_into_cuda(input.unsqueeze(2).unsqueeze(3), values, row_ptr, row_taps, bias, g, image);
-  return out;
+  return sparse_linear_via(&sparse_conv2d_into_cuda, input, values, row_ptr, row_taps, bias, at::kCUDA);
 }
 
 }  // namespace
