@@ -1,4 +1,4 @@
-// CPU kernels of the fused training-mode BatchNorm (+ ReLU) ops (schemas in ops/batch_norm_relu.cpp).
+// CPU kernels of the fused training-mode BatchNorm (+ residual, + ReLU) ops (schemas in ops/batch_norm_relu.cpp).
 //
 // The input is a contiguous [P, C, L] tensor. Each pass walks it in order, P split into a fixed number of
 // blocks so that the per-channel sums are reduced in the same order whatever the thread count (training
