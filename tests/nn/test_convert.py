@@ -1,5 +1,7 @@
 """sparsify / densify on whole models: same function, per-layer choices, layouts, training."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,3 +170,20 @@ def test_short_training_matches_dense_masked_run():
     handle.remove()
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-9, atol=1e-9)
     assert curves[0][-1] < curves[0][0]
+
+
+def test_sparsified_model_compiles_with_fused_batch_norm():
+    # Fake kernels and autograd of the sparse and fused BatchNorm ops, traced through the whole model.
+    model, masks = _pruned(SmallVGG)
+    sparse = gx.sparsify(model, masks, policy="sparse").train()
+    reference = copy.deepcopy(sparse)
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    y = torch.compile(sparse, backend="aot_eager", fullgraph=True)(x)
+    y_ref = reference(x)
+    torch.testing.assert_close(y, y_ref)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), q in zip(sparse.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(sparse.named_buffers(), reference.buffers()):  # running statistics, too
+        torch.testing.assert_close(b, c, msg=name)
