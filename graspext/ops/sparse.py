@@ -134,6 +134,18 @@ def _batch_innermost_empty(like: Tensor, n: int, c: int, h: int, w: int) -> Tens
     return like.new_empty_strided((n, c, h, w), (1, n, w * c * n, c * n))
 
 
+@torch.library.register_fake("graspext::to_batch_innermost")
+def _(x):
+    torch._check(x.dim() == 4, lambda: "x must be 4-D")
+    return _batch_innermost_empty(x, *x.shape)
+
+
+@torch.library.register_fake("graspext::from_batch_innermost")
+def _(x):
+    torch._check(x.dim() == 4, lambda: "x must be 4-D")
+    return x.new_empty(x.shape)
+
+
 @torch.library.register_fake("graspext::sparse_conv2d")
 def _(input, values, row_ptr, row_taps, col_ptr, col_taps, col_order, bias, weight_shape, stride, padding):
     torch._check(input.dim() == 4, lambda: "input must be 4-D")
