@@ -5,7 +5,8 @@
 //   forward / input gradient: one thread per output value, looping over its row's kept taps;
 //   weight gradient: one warp per kept weight, reducing over pixels and samples.
 // Indices are validated on the device before use (check_sparse_index: one host synchronisation per index),
-// as the CPU op validates them on every call. Not yet run on a GPU: graspext.nn computes densely on CUDA until it is.
+// as the CPU op validates them on every call. Not yet run on a GPU: graspext.nn uses these kernels only with
+// GRASPEXT_CUDA_SPARSE=1 until they are verified.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
