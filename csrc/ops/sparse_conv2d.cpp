@@ -179,6 +179,15 @@ at::Tensor batch_innermost(const at::Tensor& x) {
   return out;
 }
 
+at::Tensor sparse_conv2d_via(ForwardInto forward_into, const at::Tensor& input, const at::Tensor& values,
+                             const at::Tensor& row_ptr, const at::Tensor& row_taps,
+                             const std::optional<at::Tensor>& bias, at::IntArrayRef weight_shape,
+                             at::IntArrayRef stride, at::IntArrayRef padding, c10::DeviceType device) {
+  const auto g = check_forward_args(input, values, row_ptr, row_taps, bias, weight_shape, stride, padding, device);
+  auto out = empty_batch_innermost(g.batch, g.out_channels, g.out_h, g.out_w, input.options());
+  return forward_into(input, values, row_ptr, row_taps, bias, g, out);
+}
+
 at::Tensor sparse_linear_via(ForwardInto forward_into, const at::Tensor& input, const at::Tensor& values,
                              const at::Tensor& row_ptr, const at::Tensor& row_taps,
                              const std::optional<at::Tensor>& bias, c10::DeviceType device) {

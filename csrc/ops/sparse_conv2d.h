@@ -66,6 +66,12 @@ using ForwardInto = at::Tensor& (*)(const at::Tensor& input, const at::Tensor& v
                                     const at::Tensor& row_taps, const std::optional<at::Tensor>& bias,
                                     const ConvGeometry& g, at::Tensor& out);
 
+// sparse_conv2d through a backend's forward product: checks the arguments and writes a new [H, W, C, N] output.
+at::Tensor sparse_conv2d_via(ForwardInto forward_into, const at::Tensor& input, const at::Tensor& values,
+                             const at::Tensor& row_ptr, const at::Tensor& row_taps,
+                             const std::optional<at::Tensor>& bias, at::IntArrayRef weight_shape,
+                             at::IntArrayRef stride, at::IntArrayRef padding, c10::DeviceType device);
+
 // sparse_linear through a backend's forward product: the input [N, in] is an [N, in, 1, 1] image, and the
 // output [N, out] has the batch innermost (the storage of the [N, out, 1, 1] image the product writes).
 at::Tensor sparse_linear_via(ForwardInto forward_into, const at::Tensor& input, const at::Tensor& values,

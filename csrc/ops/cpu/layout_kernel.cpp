@@ -33,36 +33,39 @@ void check_4d(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got shape ", x.sizes());
 }
 
+// out = x with, per channel, an [rows, cols] matrix at x + c * src_step (row stride src_ld) transposed to
+// out + c * dst_step (row stride dst_ld).
+void transpose_channels(const at::Tensor& x, at::Tensor& out, int64_t src_step, int64_t src_ld, int64_t dst_step,
+                        int64_t dst_ld, int64_t rows, int64_t cols) {
+  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "batch_innermost_layout_cpu", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, x.size(1), 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        transpose(src + ch * src_step, src_ld, dst + ch * dst_step, dst_ld, rows, cols);
+      }
+    });
+  });
+}
+
 at::Tensor to_batch_innermost_cpu(const at::Tensor& x_in) {
   check_4d(x_in);
   const auto x = x_in.contiguous();
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   auto out = empty_batch_innermost(n, c, x.size(2), x.size(3), x.options());
-  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "to_batch_innermost_cpu", [&] {
-    const scalar_t* src = x.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    // Channel c: [N, H*W] rows of stride C*H*W -> [H*W, N] rows of stride C*N.
-    at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t ch = c0; ch < c1; ++ch) transpose(src + ch * hw, c * hw, dst + ch * n, c * n, n, hw);
-    });
-  });
+  // Channel c: [N, H*W] rows of stride C*H*W -> [H*W, N] rows of stride C*N.
+  transpose_channels(x, out, hw, c * hw, n, c * n, n, hw);
   return out;
 }
 
 at::Tensor from_batch_innermost_cpu(const at::Tensor& x) {
   check_4d(x);
   // Another layout: a plain copy (never x itself: an op's output must not alias its input).
-  if (x.stride(0) != 1 || !x.permute({2, 3, 1, 0}).is_contiguous()) return x.clone(at::MemoryFormat::Contiguous);
+  if (!x.permute({2, 3, 1, 0}).is_contiguous()) return x.clone(at::MemoryFormat::Contiguous);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   auto out = at::empty(x.sizes(), x.options());
-  AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, x.scalar_type(), "from_batch_innermost_cpu", [&] {
-    const scalar_t* src = x.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    // Channel c: [H*W, N] rows of stride C*N -> [N, H*W] rows of stride C*H*W.
-    at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t ch = c0; ch < c1; ++ch) transpose(src + ch * n, c * n, dst + ch * hw, c * hw, hw, n);
-    });
-  });
+  // Channel c: [H*W, N] rows of stride C*N -> [N, H*W] rows of stride C*H*W.
+  transpose_channels(x, out, n, c * n, hw, c * hw, hw, n);
   return out;
 }
 

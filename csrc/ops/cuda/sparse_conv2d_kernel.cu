@@ -146,9 +146,8 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& input, const at::Tensor& values,
                               const at::Tensor& col_order, const std::optional<at::Tensor>& bias,
                               at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding) {
   (void)col_ptr, (void)col_taps, (void)col_order;  // for the backward pass
-  const auto g = check_forward_args(input, values, row_ptr, row_taps, bias, weight_shape, stride, padding, at::kCUDA);
-  auto out = empty_batch_innermost(g.batch, g.out_channels, g.out_h, g.out_w, input.options());
-  return sparse_conv2d_into_cuda(input, values, row_ptr, row_taps, bias, g, out);
+  return sparse_conv2d_via(&sparse_conv2d_into_cuda, input, values, row_ptr, row_taps, bias, weight_shape, stride,
+                           padding, at::kCUDA);
 }
 
 at::Tensor sparse_conv2d_backward_input_cuda(const at::Tensor& grad_output, const at::Tensor& values,
