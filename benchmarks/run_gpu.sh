@@ -1,36 +1,97 @@
 #!/usr/bin/env bash
 # On a CUDA machine with torch, nvcc, ninja, pytest, hypothesis and pytest-benchmark installed: builds the
-# extension in place, runs the CUDA tests and the GPU benchmarks, and writes every log under $OUT
-# (default: gpu-logs/). What it prints is what benchmarks/RESULTS.md's GPU section is made from.
+# extension in place, runs the CUDA tests and the GPU benchmarks, and leaves every log in $OUT/gpu-logs.tar.gz
+# (OUT defaults to gpu-logs/). What it prints is what benchmarks/RESULTS.md's GPU section is made from.
 #
-#   OUT=gpu-logs bash benchmarks/run_gpu.sh [quick]
+#   OUT=gpu-logs bash benchmarks/run_gpu.sh [stage ...]
 #
-# "quick" skips the 1 B-score selection, the ResNet50 scoring and the 99 % layers (for a short device slot).
-set -euo pipefail
+# Stages, in the order given (default: all of them, in this order):
+#   build       pip install --no-build-isolation -e . (CUDA archs of the visible GPU)
+#   cuda-tests  every CUDA test case of the suite (pytest -k cuda)
+#   memcheck    the CUDA op tests under compute-sanitizer's memcheck (fewer hypothesis examples)
+#   all-tests   the whole suite
+#   scoring     benchmarks/test_gpu_scoring.py
+#   sparse      benchmarks/test_gpu_sparse.py
+#   profile     torch.profiler tables of GraSP scoring on VGG19-CIFAR (benchmarks/profile_grasp_cuda.py)
+#   profile-sparse  per-kernel times of sparse layers against cuDNN (benchmarks/profile_sparse_cuda.py)
+#   backtrace   the C++/CUDA backtrace of one crashing test under cuda-gdb (BACKTRACE_TEST=node id)
+# BENCH_K="expr" narrows the benchmarks (pytest -k); STAGE_TIMEOUT (seconds, default 540) bounds each stage.
+# Logs accumulate in LOGS (default /tmp/graspext-gpu-logs) across calls in one session of the machine.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-logs}
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
+logs=${LOGS:-/tmp/graspext-gpu-logs}
+mkdir -p "$out" "$logs"
+trap 'tar czf "$out/gpu-logs.tar.gz" -C "$logs" . 2>/dev/null' EXIT
+stage_timeout=${STAGE_TIMEOUT:-540}
+stages=("$@")
+[[ ${#stages[@]} -eq 0 ]] && stages=(build cuda-tests memcheck all-tests scoring sparse)
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv \
+  | tee "$logs/gpu.txt" 2>&1 || true
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee -a "$out/gpu.txt"
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee -a "$logs/gpu.txt"
 
-python -m pip install --no-build-isolation -e . > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+bench() {  # bench NAME: one benchmark file, its table on stdout, its JSON among the logs
+  timeout "$stage_timeout" python -m pytest "benchmarks/test_$1.py" ${BENCH_K:+-k "$BENCH_K"} -p no:cacheprovider \
+    --benchmark-group-by=group --benchmark-columns=median,iqr,rounds --benchmark-json "$logs/$1.json" 2>&1 \
+    | tee "$logs/$1.log" | grep -v "^ *$" | tail -150
+}
 
-# The CUDA cases of the op tests (the CPU ones run in CI), the same under compute-sanitizer's memcheck, then
-# the whole suite.
-python -m pytest tests/ops -q -k cuda 2>&1 | tee "$out/tests_cuda_ops.log" | tail -5
-if command -v compute-sanitizer > /dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest tests/ops -q -x -k cuda \
-    > "$out/memcheck.log" 2>&1 && echo "memcheck clean" || { echo "memcheck FAILED"; tail -30 "$out/memcheck.log"; }
-fi
-python -m pytest tests -q 2>&1 | tee "$out/tests_all.log" | tail -5
-
-select=()
-if [[ "${1:-}" == "quick" ]]; then
-  select=(-k "not 1B and not resnet50 and not 0.99")
-fi
-for suite in gpu_scoring gpu_sparse; do
-  python -m pytest "benchmarks/test_$suite.py" "${select[@]}" --benchmark-group-by=group \
-    --benchmark-columns=median,iqr,rounds --benchmark-json "$out/$suite.json" 2>&1 \
-    | tee "$out/$suite.log" | tail -80
+for stage in "${stages[@]}"; do
+  echo "=== $stage ($(date +%T))"
+  case $stage in
+    build)
+      # The system compiler, whatever CC/CXX say: where they name another GCC (seen: /opt/gcc on a CUDA image),
+      # it links its own C++ runtime into the extension beside the one torch loads, and the process crashes at
+      # the first error message the extension formats. BUILD_CXX overrides.
+      export CXX=${BUILD_CXX:-/usr/bin/g++} CC=${BUILD_CC:-/usr/bin/gcc}
+      export LDSHARED="$CXX -shared" LDCXXSHARED="$CXX -shared"
+      { env | grep -E "^(CC|CXX|[A-Z]*FLAGS)="; $CXX --version | head -1; nvcc --version | tail -1; } \
+        | tee "$logs/toolchain.txt"
+      MAX_JOBS=${MAX_JOBS:-16} python -m pip install -v --no-build-isolation -e . > "$logs/build.log" 2>&1 \
+        || { tail -60 "$logs/build.log"; exit 1; }
+      python -c "import graspext, graspext.version as v; print('built_with_cuda', v.built_with_cuda, v.cuda_arch_list)"
+      # An error message with a number formatted inside the extension (a CPU op's check) must raise, not crash.
+      python -c "import torch, graspext
+try:
+    torch.ops.graspext.global_kth_value([torch.randn(3)], 5)
+except RuntimeError as e:
+    print('error formatting works:', str(e).splitlines()[0])" || echo "error formatting CRASHED"
+      nm -C graspext/_C.so | grep -c " [TtWw] std::" | sed 's/^/std:: definitions in _C.so: /'
+      ;;
+    cuda-tests)
+      # In worker processes (pytest-xdist), so that a crashing test is reported and the others still run.
+      timeout "$stage_timeout" python -m pytest tests -q -k cuda -p no:cacheprovider -rs -n 4 2>&1 \
+        | tee "$logs/tests_cuda.log" | tail -40
+      ;;
+    memcheck)
+      # Many launches under memcheck are slow: a few hypothesis examples per test are enough to touch every
+      # code path of every kernel.
+      GRASPEXT_HYPOTHESIS_EXAMPLES=5 timeout "$stage_timeout" compute-sanitizer --tool memcheck \
+        --error-exitcode 1 python -m pytest tests/ops -q -k cuda -p no:cacheprovider > "$logs/memcheck.log" 2>&1 \
+        && echo "memcheck clean" || { echo "memcheck FAILED or timed out"; tail -30 "$logs/memcheck.log"; }
+      ;;
+    all-tests)
+      timeout "$stage_timeout" python -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$logs/tests_all.log" \
+        | tail -15
+      ;;
+    backtrace)
+      timeout "$stage_timeout" cuda-gdb -batch -ex run -ex bt -ex "info threads" --args python -m pytest -q \
+        -p no:cacheprovider "$BACKTRACE_TEST" > "$logs/backtrace.log" 2>&1
+      grep -v "^\[New Thread\|^\[Thread" "$logs/backtrace.log" | tail -60
+      ;;
+    profile)
+      (cd benchmarks && timeout "$stage_timeout" python profile_grasp_cuda.py) > "$logs/profile.log" 2>&1
+      grep "^#####" "$logs/profile.log"
+      ;;
+    profile-sparse)
+      (cd benchmarks && timeout "$stage_timeout" python profile_sparse_cuda.py) > "$logs/profile_sparse.log" 2>&1
+      grep -A8 "^#####" "$logs/profile_sparse.log" | cut -c1-180
+      ;;
+    scoring) bench gpu_scoring ;;
+    sparse) bench gpu_sparse ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
 done
+echo "=== done ($(date +%T))"

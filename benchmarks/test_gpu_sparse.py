@@ -4,7 +4,7 @@ against dense cuDNN/cuBLAS with PyTorch's defaults (TF32 convolutions) and with 
 torch.sparse CSR (cuSPARSE) for Linear; and the end-to-end train step, sparse against dense.
 
 Every timed call ends with torch.cuda.synchronize(). The sparse modules use the CUDA kernels only with
-GRASPEXT_CUDA_SPARSE=1 (they have not been verified on a GPU yet); this file sets it.
+GRASPEXT_CUDA_SPARSE=1 (they are still slower than cuDNN end to end); this file sets it.
 
 Run: python -m pytest benchmarks/test_gpu_sparse.py --benchmark-group-by=group
 """

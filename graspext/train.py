@@ -156,7 +156,7 @@ class Trainer:
         saved_masks = state["masks"]
         if (saved_masks is None) != (self.masks is None) or (
                 saved_masks is not None and (set(saved_masks) != set(self.masks) or any(
-                    not torch.equal(saved_masks[n], self.masks[n].cpu()) for n in saved_masks))):
+                    not torch.equal(saved_masks[n].cpu(), self.masks[n].cpu()) for n in saved_masks))):
             raise ValueError(f"checkpoint {path!r} was trained with other masks than the ones given; "
                              "use another out_dir or resume=False")
         if state["config"]["epochs"] != self.config.epochs or state["config"]["seed"] != self.config.seed:

@@ -1,5 +1,8 @@
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -12,6 +15,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def hypothesis_settings(max_examples: int) -> settings:
+    """Hypothesis settings of the op tests: no deadline (first calls compile and allocate), and at most
+    GRASPEXT_HYPOTHESIS_EXAMPLES examples when that is set (runs under compute-sanitizer are slow)."""
+    cap = int(os.environ.get("GRASPEXT_HYPOTHESIS_EXAMPLES", max_examples))
+    return settings(max_examples=min(max_examples, cap), deadline=None)
 
 
 def skip_without_kernel(op: str, device: str) -> None:

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -34,13 +35,15 @@ def _metrics(history):
     return [{k: v for k, v in r.items() if k != "train_images_per_s"} for r in history]
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+def _kill_and_resume(tmp_path, config):
+    """Trains uninterrupted, then killed in epoch three and resumed from a fresh model; returns both runs'
+    results and final state_dicts."""
     model, masks = _model_and_masks()
-    full = gx.Trainer(model, *_loaders(), gx.TrainConfig(**CFG, out_dir=str(tmp_path / "full")), masks).fit()
+    full = gx.Trainer(model, *_loaders(), gx.TrainConfig(**config, out_dir=str(tmp_path / "full")), masks).fit()
     full_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     model, masks = _model_and_masks()
-    trainer = gx.Trainer(model, *_loaders(), gx.TrainConfig(**CFG, out_dir=str(tmp_path / "killed")), masks)
+    trainer = gx.Trainer(model, *_loaders(), gx.TrainConfig(**config, out_dir=str(tmp_path / "killed")), masks)
     original = trainer._run_epoch
 
     def dies_in_epoch_three(epoch, *args, **kwargs):
@@ -55,11 +58,36 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert len(open(tmp_path / "killed" / "results.jsonl").readlines()) == 2
 
     model, masks = _model_and_masks()  # a new process would rebuild everything
-    resumed = gx.Trainer(model, *_loaders(), gx.TrainConfig(**CFG, out_dir=str(tmp_path / "killed")), masks).fit()
+    resumed = gx.Trainer(model, *_loaders(), gx.TrainConfig(**config, out_dir=str(tmp_path / "killed")), masks).fit()
+    return full, full_state, resumed, model.state_dict(), masks
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    full, full_state, resumed, resumed_state, _ = _kill_and_resume(tmp_path, CFG)
     assert _metrics(resumed.history) == _metrics(full.history)
     assert resumed.best_test_acc == full.best_test_acc and resumed.final_test_acc == full.final_test_acc
-    for k, v in model.state_dict().items():
+    for k, v in resumed_state.items():
         assert torch.equal(v, full_state[k]), k
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernels", ["dense", "sparse"])
+def test_cuda_amp_keeps_masks_and_resumes_after_kill(tmp_path, monkeypatch, kernels):
+    """AMP (float16 autocast + GradScaler, whose state is checkpointed) on CUDA, with masked dense layers or
+    the CUDA sparse kernels (which compute in float32 under autocast)."""
+    monkeypatch.setenv("GRASPEXT_CUDA_SPARSE", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    config = {**CFG, "device": "cuda", "amp": True, "kernels": kernels}
+    full, full_state, resumed, resumed_state, masks = _kill_and_resume(tmp_path, config)
+    assert all(math.isfinite(r["train_loss"]) for r in full.history)
+    assert full.history[-1]["train_loss"] < full.history[0]["train_loss"]
+    assert _metrics(resumed.history) == _metrics(full.history)
+    for k, v in resumed_state.items():
+        assert v.is_cuda and torch.equal(v, full_state[k]), k
+    for name, mask in masks.items():
+        assert not resumed_state[name][~mask.cuda()].any(), name
+    assert torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["scaler"]["scale"] > 0
 
 
 def test_deterministic_masks_enforced_and_results_written(tmp_path):

@@ -1,10 +1,79 @@
 #include "ops/sparse_conv2d.h"
 
 #include <ATen/Functions.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include <torch/library.h>
 
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
 namespace graspext::ops {
+namespace {
+
+// Device index structures already validated, as long as their tensors live unchanged: a full check costs a
+// host synchronisation, and a module's index buffers are built once and then passed on every call. An entry
+// holds weak references, so a freed tensor (whose address a new one may reuse) never matches, and the version
+// counters, so an in-place change is checked again. The CUDA kernels also assert their bounds.
+class ValidatedIndexCache {
+ public:
+  bool contains(const at::Tensor& ptr, const at::Tensor& taps, const at::Tensor* order, int64_t taps_per_row) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& e : entries_) {
+      if (e.taps_per_row == taps_per_row && e.ptr.matches(ptr) && e.taps.matches(taps) &&
+          (order ? e.order.matches(*order) : !e.order.defined)) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  void add(const at::Tensor& ptr, const at::Tensor& taps, const at::Tensor* order, int64_t taps_per_row) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (entries_.size() >= kCapacity) {
+      entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.expired(); }),
+                     entries_.end());
+      if (entries_.size() >= kCapacity) entries_.clear();
+    }
+    entries_.push_back({Seen(ptr), Seen(taps), order ? Seen(*order) : Seen(), taps_per_row});
+  }
+
+ private:
+  struct Seen {
+    Seen() = default;
+    explicit Seen(const at::Tensor& t)
+        : impl(t.getIntrusivePtr()), data(t.const_data_ptr()), numel(t.numel()), version(t._version()),
+          defined(true) {}
+    bool matches(const at::Tensor& t) const {
+      return !impl.expired() && impl._unsafe_get_target() == t.unsafeGetTensorImpl() &&
+             data == t.const_data_ptr() && numel == t.numel() && version == t._version();
+    }
+    using Impl = c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl{Impl()};
+    const void* data = nullptr;
+    int64_t numel = 0;
+    uint32_t version = 0;
+    bool defined = false;
+  };
+  struct Entry {
+    Seen ptr, taps, order;
+    int64_t taps_per_row;
+    bool expired() const {
+      return ptr.impl.expired() || taps.impl.expired() || (order.defined && order.impl.expired());
+    }
+  };
+  static constexpr size_t kCapacity = 512;
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+ValidatedIndexCache& validated_device_indices() {
+  static ValidatedIndexCache cache;
+  return cache;
+}
+
+}  // namespace
 
 ConvGeometry make_conv_geometry(at::IntArrayRef input_shape, at::IntArrayRef weight_shape, at::IntArrayRef stride,
                                 at::IntArrayRef padding) {
@@ -57,6 +126,7 @@ void check_sparse_index(const at::Tensor& ptr, const at::Tensor& taps, const at:
                 order->sizes());
   }
   if (!ptr.device().is_cpu()) {
+    if (validated_device_indices().contains(ptr, taps, order, taps_per_row)) return;
     // The same checks as below, as tensor ops on the device, with one copy of the verdicts to the host.
     const auto outside = [&](const at::Tensor& t, int64_t end) {  // any value outside [0, end), as int64
       return t.numel() ? at::logical_or(at::lt(t, 0), at::ge(t, end)).any().to(at::kLong)
@@ -71,6 +141,7 @@ void check_sparse_index(const at::Tensor& ptr, const at::Tensor& taps, const at:
     TORCH_CHECK(!b[1], ptr_name, " must be non-decreasing");
     TORCH_CHECK(!b[2], taps_name, " has a tap outside [0, ", taps_per_row, ")");
     TORCH_CHECK(!b[3], order_name, " has a position outside [0, ", nnz, ")");
+    validated_device_indices().add(ptr, taps, order, taps_per_row);
     return;
   }
   const auto* p = ptr.const_data_ptr<int64_t>();

@@ -4,8 +4,8 @@ The trainable parameter is ``values`` (one entry per kept weight), so the optimi
 weight decay cost O(kept weights). The sparsity pattern lives in index buffers built once
 (:class:`~graspext.nn.pattern.SparsePattern`). Each layer runs in one of two modes:
 
-- ``"sparse"``: the graspext kernels (CPU, float32/float64; CUDA only with ``GRASPEXT_CUDA_SPARSE=1`` until
-  the CUDA kernels have been verified on a GPU);
+- ``"sparse"``: the graspext kernels (CPU, float32/float64; CUDA only with ``GRASPEXT_CUDA_SPARSE=1``: the
+  CUDA kernels are correct but still slower than cuDNN for whole networks, see benchmarks/RESULTS.md);
 - ``"dense"``: the dense torch kernel on the weight scattered from ``values`` -- for layers where dense is
   faster (``graspext.sparsify`` measures or estimates this per layer), and for inputs the kernels do not
   handle (CUDA unless enabled, other dtypes). The result is the same either way.
@@ -34,7 +34,7 @@ _warned: set[str] = set()
 
 
 def _cuda_kernels_enabled() -> bool:
-    """The CUDA sparse kernels compile in every CUDA build but have not run on a GPU yet: opt-in until then."""
+    """Opt-in: the CUDA sparse kernels pass their tests on an H100 but train VGG19/ResNet32 slower than cuDNN."""
     from graspext._extension import has_cuda_kernel
 
     return os.environ.get("GRASPEXT_CUDA_SPARSE") == "1" and has_cuda_kernel("sparse_conv2d")
@@ -110,10 +110,13 @@ class _SparseLayer(nn.Module):
             pass
         elif x.device.type != "cpu":
             _warn_once(f"device-{x.device.type}", f"graspext's sparse kernels are not enabled for {x.device.type} "
-                       "tensors (CUDA: set GRASPEXT_CUDA_SPARSE=1 to try the unverified ones); sparse layers "
+                       "tensors (CUDA: GRASPEXT_CUDA_SPARSE=1 enables them; they are slower than cuDNN so far); sparse layers "
                        "compute densely there (same results)")
             return False
-        if x.dtype not in _KERNEL_DTYPES or x.dtype != self.values.dtype:
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.float32  # the ops are registered to compute in float32 under autocast
+        if dtype not in _KERNEL_DTYPES or dtype != self.values.dtype:
             _warn_once(f"dtype-{x.dtype}", f"graspext's sparse kernels take float32/float64 input matching the "
                        f"weights ({self.values.dtype}), got {x.dtype}; computing densely")
             return False

@@ -67,6 +67,9 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
 
 
 torch.library.register_autograd("graspext::batch_norm_relu", _backward, setup_context=_setup_context)
+# Statistics in float32 under autocast, as torch's own batch_norm (the kernel has no half-precision path).
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast("graspext::batch_norm_relu", _device, torch.float32)
 
 
 @torch.library.register_fake("graspext::batch_norm_relu")

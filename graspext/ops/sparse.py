@@ -30,6 +30,15 @@ def _pair(value, name: str) -> tuple[int, int]:
     return value
 
 
+def _check_values(input: Tensor, values: Tensor, pattern) -> None:
+    if values.shape != (pattern.nnz,):
+        raise ValueError(f"values must have shape ({pattern.nnz},) (one per kept weight), got {tuple(values.shape)}")
+    # Under autocast (registered below) half-precision input is cast to float32 with the values.
+    autocast = input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type)
+    if values.dtype != input.dtype and not autocast:
+        raise TypeError(f"values has dtype {values.dtype} but input has {input.dtype}")
+
+
 def sparse_conv2d(input: Tensor, values: Tensor, pattern, bias: Tensor | None = None, stride=1, padding=0) -> Tensor:
     """``F.conv2d(input, W, bias, stride, padding)`` for the sparse weight W = ``pattern.scatter(values)``.
 
@@ -39,10 +48,7 @@ def sparse_conv2d(input: Tensor, values: Tensor, pattern, bias: Tensor | None = 
         raise ValueError(f"input must be a 4-D tensor (N, C, H, W), got {getattr(input, 'shape', input)!r}")
     if input.shape[1] != pattern.weight_shape[1]:
         raise ValueError(f"input has {input.shape[1]} channels but the weight expects {pattern.weight_shape[1]}")
-    if values.shape != (pattern.nnz,):
-        raise ValueError(f"values must have shape ({pattern.nnz},) (one per kept weight), got {tuple(values.shape)}")
-    if values.dtype != input.dtype:
-        raise TypeError(f"values has dtype {values.dtype} but input has {input.dtype}")
+    _check_values(input, values, pattern)
     return _ops.sparse_conv2d(
         input, values, *pattern.tensors(), bias, list(pattern.weight_shape),
         list(_pair(stride, "stride")), list(_pair(padding, "padding")),
@@ -61,10 +67,7 @@ def sparse_linear(input: Tensor, values: Tensor, pattern, bias: Tensor | None = 
         raise ValueError(f"pattern must be of a linear weight ([out, in, 1, 1]), got {pattern.weight_shape}")
     if input.shape[1] != in_features:
         raise ValueError(f"input has {input.shape[1]} features but the weight expects {in_features}")
-    if values.shape != (pattern.nnz,):
-        raise ValueError(f"values must have shape ({pattern.nnz},) (one per kept weight), got {tuple(values.shape)}")
-    if values.dtype != input.dtype:
-        raise TypeError(f"values has dtype {values.dtype} but input has {input.dtype}")
+    _check_values(input, values, pattern)
     return _ops.sparse_linear(input, values, *pattern.tensors(), bias)
 
 
@@ -121,6 +124,12 @@ def _linear_backward(ctx, grad_output):
 
 
 torch.library.register_autograd("graspext::sparse_linear", _linear_backward, setup_context=_setup_linear_context)
+
+# The kernels have no half-precision path: under autocast their inputs are cast to float32, so a sparse layer
+# between autocast's float16/bfloat16 layers computes in float32 instead of failing on mixed dtypes.
+for _op in ("graspext::sparse_conv2d", "graspext::sparse_linear"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(_op, _device, torch.float32)
 
 
 # ---- fake kernels (shapes and strides only) -------------------------------------------------------------

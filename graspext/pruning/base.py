@@ -68,12 +68,10 @@ def check_positive(value, name: str, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
-def generator_for(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None  # the global RNG, as the official code
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+def seeded_generator(seed: int | None) -> torch.Generator | None:
+    """A CPU generator seeded with ``seed`` (None: the global RNG, as the official code). Seeded draws are
+    made on the CPU and moved to the model's device, so one seed gives the same masks on any device."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 def working_copy(ctx: ScoringContext, *, share_storage: bool = True) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -106,9 +104,10 @@ def replace_weight(work: nn.Module, module_name: str, value: Tensor) -> nn.Param
 def reinit_xavier(work: nn.Module, module_names, generator) -> None:
     """Xavier-normal weights for these modules, drawn in order (the same draws as in-place init)."""
     for name in module_names:
-        fresh = torch.empty_like(work.get_submodule(name).weight)
+        weight = work.get_submodule(name).weight
+        fresh = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device if generator is None else "cpu")
         nn.init.xavier_normal_(fresh, generator=generator)
-        replace_weight(work, name, fresh)
+        replace_weight(work, name, fresh.to(weight.device))
 
 
 def masked_weights(work: nn.Module, ctx: ScoringContext) -> list[nn.Parameter]:

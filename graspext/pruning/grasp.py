@@ -32,8 +32,8 @@ from graspext import ops
 from graspext.pruning import data as D
 from graspext.pruning.activation_patterns import ActivationPatterns
 from graspext.pruning.base import (Method, ScoringContext, check_bool, check_int, check_positive,
-                                   disable_running_stats_, generator_for, masked_weights, register, reinit_xavier,
-                                   replace_weight, working_copy, zeros_like_scores)
+                                   disable_running_stats_, masked_weights, register, reinit_xavier, replace_weight,
+                                   seeded_generator, working_copy, zeros_like_scores)
 
 ENGINES = ("exact", "forward_over_reverse", "finite_difference")
 DEFAULT_SAMPLES_PER_CLASS = 25  # official default; the CIFAR-10 configs use 10
@@ -109,7 +109,7 @@ class GraSP(Method):
         device, dtype = weights[0].device, weights[0].dtype
         if o.reinit_linear:  # official: every nn.Linear of the copy, in module order
             reinit_xavier(work, [n for n, m in work.named_modules() if isinstance(m, nn.Linear)],
-                          generator_for(o.seed, device))
+                          seeded_generator(o.seed))
         weights = masked_weights(work, ctx)
         work.train()
         if o.engine != "exact":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from graspext.pruning.base import Method, ScoringContext, check_int, generator_for, register, score_dtype
+from graspext.pruning.base import Method, ScoringContext, check_int, register, score_dtype, seeded_generator
 
 
 @dataclass
@@ -48,5 +48,7 @@ class Random(Method):
 
     def score(self, ctx: ScoringContext) -> list[Tensor]:
         weights = _weights(ctx)
-        gen = generator_for(self.options.seed, weights[0].device)
-        return [torch.rand(w.shape, generator=gen, dtype=score_dtype(w), device=w.device) for w in weights]
+        gen = seeded_generator(self.options.seed)
+        if gen is None:
+            return [torch.rand(w.shape, dtype=score_dtype(w), device=w.device) for w in weights]
+        return [torch.rand(w.shape, generator=gen, dtype=score_dtype(w)).to(w.device) for w in weights]

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from graspext import ops
 from graspext.pruning import data as D
-from graspext.pruning.base import (Method, ScoringContext, check_bool, check_int, generator_for, masked_weights,
-                                   register, reinit_xavier, working_copy, zeros_like_scores)
+from graspext.pruning.base import (Method, ScoringContext, check_bool, check_int, masked_weights, register,
+                                   reinit_xavier, seeded_generator, working_copy, zeros_like_scores)
 
 
 @dataclass
@@ -46,7 +46,7 @@ class SNIP(Method):
         work, weights = working_copy(ctx)
         device, dtype = weights[0].device, weights[0].dtype
         if o.reinit:
-            reinit_xavier(work, list(ctx.modules), generator_for(o.seed, device))
+            reinit_xavier(work, list(ctx.modules), seeded_generator(o.seed))
         weights = masked_weights(work, ctx)
         work.train(o.train_mode)
         if o.samples_per_class is not None:

@@ -20,6 +20,17 @@ def _prunable(net: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def _xavier_normal_(weight: Tensor, generator: torch.Generator | None) -> None:
+    """As the official in-place Xavier init; with a generator, drawn on the generator's device and copied in
+    (graspext draws seeded re-initializations on the CPU, whatever the model's device)."""
+    if generator is None:
+        nn.init.xavier_normal_(weight)
+    else:
+        with torch.no_grad():
+            weight.copy_(nn.init.xavier_normal_(torch.empty(weight.shape, dtype=weight.dtype,
+                                                            device=generator.device), generator=generator))
+
+
 def grasp_official(net: nn.Module, sparsity: float, sets: list[tuple[Tensor, Tensor]], *, temperature: float = 200.0,
                    reinit: bool = True, reinit_generator: torch.Generator | None = None,
                    exact_count: bool = True) -> dict[str, Tensor]:
@@ -30,7 +41,7 @@ def grasp_official(net: nn.Module, sparsity: float, sets: list[tuple[Tensor, Ten
     weights = []
     for _, layer in _prunable(net):
         if isinstance(layer, nn.Linear) and reinit:
-            nn.init.xavier_normal_(layer.weight, generator=reinit_generator)
+            _xavier_normal_(layer.weight, reinit_generator)
         weights.append(layer.weight)
     for w in weights:
         w.requires_grad_(True)
@@ -85,7 +96,7 @@ def snip_official(net: nn.Module, sparsity: float, x: Tensor, y: Tensor, *, rein
     masks_c = []
     for _, layer in layers:
         if reinit:
-            nn.init.xavier_normal_(layer.weight, generator=reinit_generator)
+            _xavier_normal_(layer.weight, reinit_generator)
         layer.weight.requires_grad_(False)
         c = torch.ones_like(layer.weight, requires_grad=True)
         masks_c.append(c)

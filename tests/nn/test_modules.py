@@ -110,15 +110,28 @@ def test_to_dense_round_trip():
     assert (back.stride, back.padding) == (conv.stride, conv.padding)
 
 
-def test_non_kernel_dtypes_compute_densely():
+def test_autocast_runs_the_kernels_in_float32():
     conv, mask = _masked_conv()
     layer = SparseConv2d.from_dense(conv.float(), mask)
-    x = torch.randn(2, 6, 5, 5)
+    x = torch.randn(2, 6, 5, 5).bfloat16()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")  # no fallback warning: the kernels run
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer(x.bfloat16())
-    torch.testing.assert_close(y.float(), F.conv2d(x, conv.weight * mask, conv.bias, 1, 1), rtol=0.05, atol=0.05)
+            y = layer(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, F.conv2d(x.float(), conv.weight.float() * mask, conv.bias.float(), 1, 1))
+
+
+def test_non_kernel_dtypes_compute_densely(monkeypatch):
+    monkeypatch.setattr("graspext.nn.modules._warned", set())  # the warning is given once per process
+    conv, mask = _masked_conv()
+    layer = SparseConv2d.from_dense(conv.bfloat16(), mask)
+    x = torch.randn(2, 6, 5, 5)
+    with pytest.warns(UserWarning, match="computing densely"):
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    ref = F.conv2d(x, conv.weight.float() * mask, conv.bias.float(), 1, 1)
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
 
 
 def test_pruned_weights_stay_zero_under_sgd_and_adamw():

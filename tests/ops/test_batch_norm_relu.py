@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from graspext import ops
+from tests.conftest import hypothesis_settings
 
 
 def _reference(x, weight, bias, eps, relu, residual=None):
@@ -37,7 +38,7 @@ def _check(x, weight, bias, eps, relu, tol, residual=None):
             torch.testing.assert_close(ours.grad, ref.grad, **tol)
 
 
-@settings(max_examples=60, deadline=None)
+@hypothesis_settings(60)
 @given(
     p=st.integers(1, 9), c=st.integers(1, 7), length=st.integers(1, 40), relu=st.booleans(), affine=st.booleans(),
     residual=st.booleans(), offset=st.sampled_from([0.0, 3.0, -50.0]), seed=st.integers(0, 2**16),

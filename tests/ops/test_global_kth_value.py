@@ -1,10 +1,10 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from graspext import ops
-from tests.conftest import DEVICES, skip_without_kernel
+from tests.conftest import DEVICES, hypothesis_settings, skip_without_kernel
 
 
 def _reference(scores, k):
@@ -25,7 +25,35 @@ def test_matches_torch_kthvalue(device, dtype, shapes):
         assert got.item() == _reference(scores, k).item()
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["normal_misaligned", "few_values"])
+def test_cuda_many_tensors_stash_and_its_overflow(dtype, kind):
+    """More tensors than one launch takes (48), large enough that the later passes read the stash of scores
+    matching the first digit ("normal_misaligned", every other tensor starting off a 16-byte boundary), or find
+    it overflowed and read everything again ("few_values": a third of the scores share the first digit)."""
+    skip_without_kernel("global_kth_value", "cuda")
+    g = torch.Generator().manual_seed(7)
+    sizes = [int(s) for s in torch.randint(1, 40_000, (100,), generator=g)]
+    if kind == "few_values":
+        scores = [torch.randint(0, 3, (s,), generator=g).to(dtype) for s in sizes]
+    else:
+        scores = [torch.randn(s, generator=g, dtype=dtype) for s in sizes]
+    n = sum(sizes)
+
+    def to_gpu(i, s):  # every other tensor a view starting one element into its storage
+        if kind == "few_values" or i % 2 == 0:
+            return s.cuda()
+        storage = torch.empty(s.numel() + 1, dtype=dtype, device="cuda")
+        storage[1:] = s.cuda()
+        return storage[1:]
+
+    on_gpu = [to_gpu(i, s) for i, s in enumerate(scores)]
+    for k in [1, n // 50, n // 2, n - n // 50, n]:
+        assert ops.global_kth_value(on_gpu, k).item() == _reference(scores, k).item()
+
+
+@hypothesis_settings(60)
 @given(
     values=st.lists(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=0, max_size=40),
                     min_size=1, max_size=5).filter(lambda ls: sum(map(len, ls)) > 0),

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from graspext.nn.layout import is_batch_innermost
+from tests.conftest import hypothesis_settings
 
 _ops = torch.ops.graspext
 
@@ -14,7 +15,7 @@ def _hwcn(x):
     return x.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
-@settings(max_examples=50, deadline=None)
+@hypothesis_settings(50)
 @given(n=st.integers(1, 40), c=st.integers(1, 40), h=st.integers(1, 9), w=st.integers(1, 9),
        dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64, torch.bool]),
        layout=st.sampled_from(["contiguous", "channels_last", "strided"]))

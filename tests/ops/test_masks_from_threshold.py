@@ -1,10 +1,10 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from graspext import ops
-from tests.conftest import DEVICES, skip_without_kernel
+from tests.conftest import DEVICES, hypothesis_settings, skip_without_kernel
 
 
 def _reference(scores, num_remove, remove_largest):
@@ -73,7 +73,7 @@ def test_cuda_masks_identical_to_cpu(dtype):
                 assert torch.equal(a, b.cpu())
 
 
-@settings(max_examples=60, deadline=None)
+@hypothesis_settings(60)
 @given(
     values=st.lists(st.lists(st.sampled_from([-2.0, -1.0, 0.0, 1.0, 3.5]), min_size=0, max_size=30),
                     min_size=1, max_size=5).filter(lambda ls: sum(map(len, ls)) > 0),

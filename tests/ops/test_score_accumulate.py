@@ -1,10 +1,10 @@
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from graspext import ops
-from tests.conftest import DEVICES, skip_without_kernel
+from tests.conftest import DEVICES, hypothesis_settings, skip_without_kernel
 
 REFERENCE = {
     "neg_product": lambda w, v: -(w * v),
@@ -32,7 +32,7 @@ def test_matches_reference(device, dtype, mode, shapes):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@settings(max_examples=40, deadline=None)
+@hypothesis_settings(40)
 @given(
     shapes=st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=4).map(tuple), min_size=1, max_size=6),
     alpha=st.floats(-10, 10, allow_nan=False),

@@ -3,12 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from graspext import ops
 from graspext.nn.layout import is_batch_innermost, to_batch_innermost
 from graspext.nn.pattern import SparsePattern
+from tests.conftest import hypothesis_settings
 
 ISAS = ["avx512", "avx2", "baseline"]
 
@@ -156,7 +157,7 @@ def test_output_is_batch_innermost():
     assert y.permute(2, 3, 1, 0).is_contiguous()  # [H, W, C, N]
 
 
-@settings(max_examples=60, deadline=None)
+@hypothesis_settings(60)
 @given(
     n=st.integers(1, 40), cin=st.integers(1, 6), cout=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 9),
     kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
@@ -170,7 +171,7 @@ def test_conv_property_float64(n, cin, cout, h, w, kh, kw, sh, sw, ph, pw, densi
     _check_conv(x, weight, b, mask, (sh, sw), (ph, pw), F64)
 
 
-@settings(max_examples=40, deadline=None)
+@hypothesis_settings(40)
 @given(n=st.integers(1, 70), fin=st.integers(1, 40), fout=st.integers(1, 40), density=st.floats(0.0, 1.0),
        bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_property_float64(n, fin, fout, density, bias, seed):

@@ -87,8 +87,19 @@ def test_bad_index_raises():
     x, weight, b, mask = _case(2, 3, 4, 5, 5, 3, 0.5, torch.float32, seed=0)
     pattern = SparsePattern.from_mask(mask).to("cuda")
     row_ptr, row_taps, *rest = pattern.tensors()
+    x, values = x.cuda(), pattern.gather(weight.cuda())
+
+    def conv(taps):
+        return torch.ops.graspext.sparse_conv2d(x, values, row_ptr, taps, *rest, None, list(pattern.weight_shape),
+                                                [1, 1], [1, 1])
+
     bad_taps = row_taps.clone()
     bad_taps[0] = 10_000
     with pytest.raises(RuntimeError, match="row_taps has a tap outside"):
-        torch.ops.graspext.sparse_conv2d(x.cuda(), pattern.gather(weight.cuda()), row_ptr, bad_taps, *rest, None,
-                                         list(pattern.weight_shape), [1, 1], [1, 1])
+        conv(bad_taps)
+    # Validated indices are remembered while unchanged; an in-place change is checked again.
+    taps = row_taps.clone()
+    torch.testing.assert_close(conv(taps), conv(row_taps))
+    taps[-1] = -1
+    with pytest.raises(RuntimeError, match="row_taps has a tap outside"):
+        conv(taps)

@@ -1,12 +1,12 @@
-// CUDA sparse convolution and linear ops (schemas and index layout in ops/sparse_conv2d.h), a first,
-// straightforward version: the same batch-innermost layout as the CPU kernels, with consecutive threads on
-// consecutive samples so that every load and store of an image is coalesced, and the index walked
-// uniformly by a warp (broadcast loads).
-//   forward / input gradient: one thread per output value, looping over its row's kept taps;
-//   weight gradient: one warp per kept weight, reducing over pixels and samples.
-// Indices are validated on the device before use (check_sparse_index: one host synchronisation per index),
-// as the CPU op validates them on every call. Not yet run on a GPU: graspext.nn uses these kernels only with
-// GRASPEXT_CUDA_SPARSE=1 until they are verified.
+// CUDA sparse convolution and linear ops (schemas and index layout in ops/sparse_conv2d.h): the same
+// batch-innermost layout as the CPU kernels, with consecutive threads on consecutive samples so that every
+// load and store of an image is coalesced, and the index walked uniformly by a warp (broadcast loads).
+//   forward / input gradient: a block per (row, output row y), its row's kept taps decoded once into shared
+//   memory, each thread accumulating a few output values;
+//   weight gradient: one warp per (kept weight, band of output rows), reducing over the band's pixels and the
+//   samples into a partial sum per band; the bands are summed in a fixed order (deterministic).
+// Index structures are validated in full on first use (check_sparse_index, which then remembers them while
+// they live unchanged, so the steady state has no host synchronisation); the kernels assert their bounds too.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
@@ -14,6 +14,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
 
 #include "ops/cuda/launch.cuh"
 #include "ops/sparse_conv2d.h"
@@ -30,57 +33,105 @@ Strides strides_of(const at::Tensor& t) { return {t.stride(1), t.stride(2), t.st
 // dst[row, y, x, n] = bias[row] + sum over the row's entries of value * src[c, sy, sx, n]. Forward: the row
 // is an output channel, tap = (c * kh + r) * kw + s, sy = y * stride - pad + r. Transposed (input gradient):
 // the row is an input channel, tap = (o * kh + r) * kw + s over grad_output channels o, and
-// sy = (y + pad - r) / stride where that divides exactly.
+// sy = (y + pad - r) / stride where that divides exactly (likewise sx).
+//
+// A block owns one (row, y) and a tile of kGatherPerThread * blockDim consecutive (x, n) positions. The row's
+// entries are decoded once per block, kGatherThreads at a time, into shared memory (the source row offset,
+// or -1 where sy falls outside, the column tap and the value), so the inner loop is a load and an FMA.
+constexpr int kGatherThreads = 128;
+constexpr int kGatherPerThread = 4;
+
 template <typename scalar_t, bool kTransposed>
-__global__ void gather_kernel(const scalar_t* __restrict__ src, Strides ss, int64_t src_h, int64_t src_w,
-                              scalar_t* __restrict__ dst, Strides ds, int64_t rows, int64_t dst_h, int64_t dst_w,
-                              int64_t batch, const int64_t* __restrict__ ptr, const int32_t* __restrict__ taps,
-                              const int32_t* __restrict__ order, const scalar_t* __restrict__ values,
-                              const scalar_t* __restrict__ bias, int kh, int kw, int stride_h, int stride_w,
-                              int pad_h, int pad_w) {
-  const int64_t total = rows * dst_h * dst_w * batch;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t n = i % batch;
-    int64_t rest = i / batch;
-    const int64_t x = rest % dst_w;
-    rest /= dst_w;
-    const int64_t y = rest % dst_h;
-    const int64_t row = rest / dst_h;
-    scalar_t acc = bias ? bias[row] : scalar_t(0);
-    for (int64_t e = ptr[row]; e < ptr[row + 1]; ++e) {
+__global__ void __launch_bounds__(kGatherThreads) gather_kernel(
+    const scalar_t* __restrict__ src, Strides ss, int src_h, int src_w, scalar_t* __restrict__ dst, Strides ds,
+    int dst_w, int batch, const int64_t* __restrict__ ptr, const int32_t* __restrict__ taps,
+    const int32_t* __restrict__ order, const scalar_t* __restrict__ values, const scalar_t* __restrict__ bias,
+    int64_t nnz, int64_t taps_per_row, int kh, int kw, int stride_h, int stride_w, int pad_h, int pad_w) {
+  __shared__ int64_t entry_offset[kGatherThreads];
+  __shared__ int entry_column[kGatherThreads];
+  __shared__ scalar_t entry_value[kGatherThreads];
+  const int64_t row = blockIdx.z;
+  const int y = blockIdx.y;
+  const int positions = dst_w * batch;
+  const int tile = blockIdx.x * kGatherThreads * kGatherPerThread;
+  int x[kGatherPerThread], n[kGatherPerThread];
+  scalar_t acc[kGatherPerThread];
+#pragma unroll
+  for (int k = 0; k < kGatherPerThread; ++k) {
+    const int i = tile + k * kGatherThreads + threadIdx.x;
+    x[k] = i / batch;
+    n[k] = i - x[k] * batch;
+    acc[k] = bias ? bias[row] : scalar_t(0);
+  }
+  const int64_t begin = ptr[row], end = ptr[row + 1];
+  CUDA_KERNEL_ASSERT(0 <= begin && begin <= end && end <= nnz);
+  for (int64_t chunk = begin; chunk < end; chunk += kGatherThreads) {
+    const int count = static_cast<int>(end - chunk < kGatherThreads ? end - chunk : kGatherThreads);
+    if (threadIdx.x < count) {
+      const int64_t e = chunk + threadIdx.x;
       const int tap = taps[e];
-      const int c = tap / (kh * kw);
-      const int r = (tap / kw) % kh;
-      const int s = tap % kw;
-      int64_t sy, sx;
+      CUDA_KERNEL_ASSERT(0 <= tap && tap < taps_per_row);
+      const int c = tap / (kh * kw), r = (tap / kw) % kh, s = tap % kw;
+      int sy;
+      bool inside;
       if constexpr (kTransposed) {
-        const int64_t ny = y + pad_h - r, nx = x + pad_w - s;
-        if (ny < 0 || nx < 0 || ny % stride_h || nx % stride_w) continue;
+        const int ny = y + pad_h - r;
         sy = ny / stride_h;
-        sx = nx / stride_w;
+        inside = ny >= 0 && ny % stride_h == 0 && sy < src_h;
       } else {
         sy = y * stride_h - pad_h + r;
-        sx = x * stride_w - pad_w + s;
+        inside = sy >= 0 && sy < src_h;
       }
-      if (sy < 0 || sy >= src_h || sx < 0 || sx >= src_w) continue;
-      const scalar_t v = values[order ? order[e] : e];
-      acc += v * src[c * ss.channel + sy * ss.row + sx * ss.pixel + n];
+      const int64_t position = order ? order[e] : e;
+      CUDA_KERNEL_ASSERT(0 <= position && position < nnz);
+      entry_offset[threadIdx.x] = inside ? c * ss.channel + sy * ss.row : -1;
+      entry_column[threadIdx.x] = s;
+      entry_value[threadIdx.x] = values[position];
     }
-    dst[row * ds.channel + y * ds.row + x * ds.pixel + n] = acc;
+    __syncthreads();
+    for (int j = 0; j < count; ++j) {
+      const int64_t offset = entry_offset[j];
+      if (offset < 0) continue;
+      const int s = entry_column[j];
+      const scalar_t v = entry_value[j];
+#pragma unroll
+      for (int k = 0; k < kGatherPerThread; ++k) {
+        int sx;
+        bool inside;
+        if constexpr (kTransposed) {
+          const int nx = x[k] + pad_w - s;
+          sx = nx / stride_w;
+          inside = nx >= 0 && nx % stride_w == 0 && sx < src_w;
+        } else {
+          sx = x[k] * stride_w - pad_w + s;
+          inside = sx >= 0 && sx < src_w;
+        }
+        if (inside && x[k] < dst_w) acc[k] += v * src[offset + sx * ss.pixel + n[k]];
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < kGatherPerThread; ++k) {
+    if (tile + k * kGatherThreads + static_cast<int>(threadIdx.x) < positions) {
+      dst[row * ds.channel + y * ds.row + x[k] * ds.pixel + n[k]] = acc[k];
+    }
   }
 }
 
-// grad_values[e] = sum over (y, x, n) of grad_output[o, y, x, n] * input[c, sy, sx, n], one warp per entry.
+// partial[band, e] = sum over output rows y of the band, pixels x and samples n of
+// grad_output[o, y, x, n] * input[c, sy, sx, n]; one warp per (band, entry).
 template <typename scalar_t>
 __global__ void sddmm_kernel(const scalar_t* __restrict__ go, Strides gs, const scalar_t* __restrict__ in,
                              Strides is, int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w, int64_t batch,
                              const int64_t* __restrict__ ptr, int64_t rows, const int32_t* __restrict__ taps,
-                             int64_t nnz, int kh, int kw, int stride_h, int stride_w, int pad_h, int pad_w,
-                             scalar_t* __restrict__ grad_values) {
+                             int64_t nnz, int64_t taps_per_row, int64_t bands, int64_t rows_per_band, int kh, int kw,
+                             int stride_h, int stride_w, int pad_h, int pad_w, scalar_t* __restrict__ partial) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + (threadIdx.x >> 5); e < nnz; e += warps) {
+  for (int64_t w = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + (threadIdx.x >> 5); w < bands * nnz;
+       w += warps) {
+    const int64_t band = w / nnz, e = w % nnz;
     // The entry's row: the last row whose first entry is at or before e.
     int64_t lo = 0, hi = rows - 1;
     while (lo < hi) {
@@ -88,11 +139,13 @@ __global__ void sddmm_kernel(const scalar_t* __restrict__ go, Strides gs, const 
       if (ptr[mid] <= e) lo = mid; else hi = mid - 1;
     }
     const int tap = taps[e];
+    CUDA_KERNEL_ASSERT(0 <= tap && tap < taps_per_row);
     const int c = tap / (kh * kw);
     const int r = (tap / kw) % kh;
     const int s = tap % kw;
     scalar_t acc = 0;
-    for (int64_t y = 0; y < out_h; ++y) {
+    const int64_t y_end = min(out_h, (band + 1) * rows_per_band);
+    for (int64_t y = band * rows_per_band; y < y_end; ++y) {
       const int64_t sy = y * stride_h - pad_h + r;
       if (sy < 0 || sy >= in_h) continue;
       for (int64_t x = 0; x < out_w; ++x) {
@@ -105,7 +158,7 @@ __global__ void sddmm_kernel(const scalar_t* __restrict__ go, Strides gs, const 
     }
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, offset);
-    if (lane == 0) grad_values[e] = acc;
+    if (lane == 0) partial[band * nnz + e] = acc;
   }
 }
 
@@ -116,17 +169,23 @@ void launch_gather(const at::Tensor& src, const at::Tensor& dst, const ConvGeome
   const int64_t rows = kTransposed ? g.in_channels : g.out_channels;
   const int64_t dst_h = kTransposed ? g.in_h : g.out_h, dst_w = kTransposed ? g.in_w : g.out_w;
   const int64_t src_h = kTransposed ? g.out_h : g.in_h, src_w = kTransposed ? g.out_w : g.in_w;
-  const int64_t total = rows * dst_h * dst_w * g.batch;
-  if (total == 0) return;
+  const int64_t positions = dst_w * g.batch;
+  if (rows == 0 || dst_h == 0 || positions == 0) return;
+  TORCH_CHECK(rows <= 65535 && dst_h <= 65535 && positions <= std::numeric_limits<int>::max() / 2,
+              "sparse_conv2d (CUDA): at most 65535 channels and rows, and fewer pixels x samples per row");
+  constexpr int64_t kTile = kGatherThreads * kGatherPerThread;
+  const dim3 grid(static_cast<unsigned>((positions + kTile - 1) / kTile), static_cast<unsigned>(dst_h),
+                  static_cast<unsigned>(rows));
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "sparse_conv2d_gather_cuda", [&] {
-    gather_kernel<scalar_t, kTransposed>
-        <<<grid_size(total, kThreadsPerBlock), kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            src.const_data_ptr<scalar_t>(), strides_of(src), src_h, src_w, dst.data_ptr<scalar_t>(),
-            strides_of(dst), rows, dst_h, dst_w, g.batch, ptr.const_data_ptr<int64_t>(),
-            taps.const_data_ptr<int32_t>(), order ? order->const_data_ptr<int32_t>() : nullptr,
-            values.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-            static_cast<int>(g.kernel_h), static_cast<int>(g.kernel_w), static_cast<int>(g.stride_h),
-            static_cast<int>(g.stride_w), static_cast<int>(g.pad_h), static_cast<int>(g.pad_w));
+    gather_kernel<scalar_t, kTransposed><<<grid, kGatherThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        src.const_data_ptr<scalar_t>(), strides_of(src), static_cast<int>(src_h), static_cast<int>(src_w),
+        dst.data_ptr<scalar_t>(), strides_of(dst), static_cast<int>(dst_w), static_cast<int>(g.batch),
+        ptr.const_data_ptr<int64_t>(), taps.const_data_ptr<int32_t>(),
+        order ? order->const_data_ptr<int32_t>() : nullptr, values.const_data_ptr<scalar_t>(),
+        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, values.numel(),
+        (kTransposed ? g.out_channels : g.in_channels) * g.kernel_h * g.kernel_w, static_cast<int>(g.kernel_h),
+        static_cast<int>(g.kernel_w), static_cast<int>(g.stride_h), static_cast<int>(g.stride_w),
+        static_cast<int>(g.pad_h), static_cast<int>(g.pad_w));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -173,24 +232,31 @@ at::Tensor sparse_conv2d_backward_weight_cuda(const at::Tensor& grad_output, con
       check_backward_weight_args(grad_output, input, row_ptr, row_taps, weight_shape, stride, padding, at::kCUDA);
   const int64_t nnz = row_taps.numel();
   const c10::cuda::CUDAGuard guard(input.device());
-  auto grad_values = at::zeros({nnz}, input.options());
-  if (nnz == 0 || g.batch == 0) return grad_values;
+  if (nnz == 0 || g.batch == 0) return at::zeros({nnz}, input.options());
   const auto dy = batch_innermost(grad_output);
   const auto x = batch_innermost(input);
   const auto ptr = row_ptr.contiguous();
   const auto taps = row_taps.contiguous();
+  // Bands of output rows: enough (entry, band) warps to fill the GPU when few weights are kept.
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, input.get_device()));
+  const int64_t target_warps = static_cast<int64_t>(sm_count) * 64;
+  const int64_t wanted_bands = std::clamp<int64_t>((target_warps + nnz - 1) / nnz, 1, std::max<int64_t>(g.out_h, 1));
+  const int64_t rows_per_band = (g.out_h + wanted_bands - 1) / wanted_bands;
+  const int64_t bands = std::max<int64_t>(1, (g.out_h + rows_per_band - 1) / rows_per_band);
+  auto partial = at::empty({bands, nnz}, input.options());
   constexpr int kWarpsPerBlock = kThreadsPerBlock / 32;
-  const int blocks = grid_size(nnz, kWarpsPerBlock);
+  const int blocks = grid_size(bands * nnz, kWarpsPerBlock);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d_backward_weight_cuda", [&] {
     sddmm_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
         dy.const_data_ptr<scalar_t>(), strides_of(dy), x.const_data_ptr<scalar_t>(), strides_of(x), g.in_h, g.in_w,
         g.out_h, g.out_w, g.batch, ptr.const_data_ptr<int64_t>(), g.out_channels, taps.const_data_ptr<int32_t>(),
-        nnz, static_cast<int>(g.kernel_h), static_cast<int>(g.kernel_w), static_cast<int>(g.stride_h),
-        static_cast<int>(g.stride_w), static_cast<int>(g.pad_h), static_cast<int>(g.pad_w),
-        grad_values.data_ptr<scalar_t>());
+        nnz, g.in_channels * g.kernel_h * g.kernel_w, bands, rows_per_band, static_cast<int>(g.kernel_h),
+        static_cast<int>(g.kernel_w), static_cast<int>(g.stride_h), static_cast<int>(g.stride_w),
+        static_cast<int>(g.pad_h), static_cast<int>(g.pad_w), partial.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return grad_values;
+  return bands == 1 ? partial.view({nnz}) : partial.sum(0);
 }
 
 at::Tensor sparse_linear_cuda(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
