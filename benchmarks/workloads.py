@@ -2,8 +2,8 @@
 
 Peak memory is measured in a fresh subprocess per run: after the model and data exist and one warm-up call
 on 20 images has run, the resident-set high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs``,
-so the figure is what the scoring call itself adds. glibc is told to mmap large blocks so that freed memory is returned and reuse of old heap
-space cannot hide a peak.
+so the figure is what the scoring call itself adds. glibc is told to mmap large blocks so that freed memory is
+returned and reuse of old heap space cannot hide a peak.
 """
 
 from __future__ import annotations

@@ -110,8 +110,8 @@ class _SparseLayer(nn.Module):
             pass
         elif x.device.type != "cpu":
             _warn_once(f"device-{x.device.type}", f"graspext's sparse kernels are not enabled for {x.device.type} "
-                       "tensors (CUDA: GRASPEXT_CUDA_SPARSE=1 enables them; they are slower than cuDNN so far); sparse layers "
-                       "compute densely there (same results)")
+                       "tensors (CUDA: GRASPEXT_CUDA_SPARSE=1 enables them; they are slower than cuDNN so far); "
+                       "sparse layers compute densely there (same results)")
             return False
         dtype = x.dtype
         if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):

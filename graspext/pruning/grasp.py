@@ -11,11 +11,11 @@ changes the result); logits divided by ``temperature``. Pass 1: g = sum over chu
 Hg = sum over chunks of H_chunk g.
 
 Hg engines: ``exact`` double backward (the official computation, the default); ``forward_over_reverse``
-(forward-mode AD through the backward pass: exact in exact arithmetic, no retained double-backward graph); ``finite_difference`` Hg ≈ (sum_c grad L_c(theta + eps g) - g) / eps,
-reusing pass 1's g (one extra gradient per chunk). The perturbed pass replays the ReLU on/off pattern and
-max-pool argmax recorded in pass 1 (``fd_freeze_activations``, default on): autograd's Hg is the derivative
-inside the current activation region, and a difference quotient that crosses kinks is not (see
-``activation_patterns.py``).
+(forward-mode AD through the backward pass: exact in exact arithmetic, no retained double-backward graph);
+``finite_difference`` Hg ≈ (sum_c grad L_c(theta + eps g) - g) / eps, reusing pass 1's g (one extra gradient
+per chunk). The perturbed pass replays the ReLU on/off pattern and max-pool argmax recorded in pass 1
+(``fd_freeze_activations``, default on): autograd's Hg is the derivative inside the current activation region,
+and a difference quotient that crosses kinks is not (see ``activation_patterns.py``).
 """
 
 from __future__ import annotations
