@@ -168,17 +168,18 @@ class BatchNormCase:
 class StepCase:
     """One training step (forward, backward, SGD with momentum) of a model at CIFAR shapes, batch BATCH."""
 
-    def __init__(self, model_name: str, sparsity: float | None):
+    def __init__(self, model_name: str, sparsity: float | None, device: str = "cpu", policy: str = "auto"):
         import copy
 
-        net = copy.deepcopy(model(model_name)).train()
+        g = torch.Generator().manual_seed(3)
+        self.x = torch.randn(BATCH, 3, 32, 32, generator=g).to(device)
+        self.y = torch.randint(0, 10, (BATCH,), generator=g).to(device)
+        net = copy.deepcopy(model(model_name)).train().to(device)
         if sparsity is not None:
-            net = gx.sparsify(net, grasp_masks(model_name, sparsity))
+            net = gx.sparsify(net, grasp_masks(model_name, sparsity), policy=policy,
+                              example_input=self.x if policy == "measure" else None)
         self.model = net
         self.opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        g = torch.Generator().manual_seed(3)
-        self.x = torch.randn(BATCH, 3, 32, 32, generator=g)
-        self.y = torch.randint(0, 10, (BATCH,), generator=g)
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)

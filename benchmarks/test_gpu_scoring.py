@@ -125,3 +125,25 @@ def test_exact_masks_identical_to_official_cuda(vgg19_cuda, monkeypatch):
     ours = grasp_graspext(model, x, y)
     ref = grasp_official(model, x, y)
     assert differences_from_official(ours, ref) == (1, 0)  # only the official `<=` threshold weight
+
+
+def test_1b_fits_where_the_concatenation_does_not():
+    """With this process's GPU memory capped at the 1 B scores plus 1.5 GiB (graspext's stash is n/8 values,
+    0.5 GiB), the concatenation alone (4 GiB) runs out of memory and graspext still selects exactly."""
+    total = SIZES["1B"]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    scores = [torch.randn(total // 16, generator=g, device="cuda") for _ in range(16)]
+    k = int(total // 16 * 16 * 0.98)
+    want = _topk_torch(scores, k).item()  # uncapped
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    capacity = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + 1.5 * 2**30) / capacity)
+    try:
+        assert _kth_graspext(scores, k).item() == want
+        with pytest.raises(torch.OutOfMemoryError):
+            _topk_torch(scores, k)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        del scores
+        torch.cuda.empty_cache()

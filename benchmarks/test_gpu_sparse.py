@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 
+import graspext as gx
+
 from sparse_workloads import MODELS, SPARSITIES, ConvCase, LinearCase, StepCase, conv_layers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -76,12 +78,17 @@ def test_linear_4096_cuda(benchmark, sparsity, impl):
         benchmark.pedantic(_synchronized(fn), rounds=20, warmup_rounds=3)
 
 
-@pytest.mark.parametrize("sparsity", [None, 0.95, 0.98], ids=["dense", "95%", "98%"])
+@pytest.mark.parametrize("sparsity,policy", [(None, None), (0.95, "sparse"), (0.98, "sparse"), (0.95, "measure"),
+                                             (0.98, "measure")],
+                         ids=["dense", "95%-all-sparse", "98%-all-sparse", "95%-measured", "98%-measured"])
 @pytest.mark.parametrize("model_name", MODELS)
-def test_train_step_cuda(benchmark, model_name, sparsity):
-    case = StepCase(model_name, sparsity)
-    case.model.cuda()
-    case.x, case.y = case.x.cuda(), case.y.cuda()
-    case.opt = torch.optim.SGD(case.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+def test_train_step_cuda(benchmark, model_name, sparsity, policy):
+    """Every pruned layer on the sparse kernels ("all-sparse"), or each on whichever of the sparse kernels and
+    cuDNN ran its forward+backward faster on this GPU (``policy="measure"``; the choices go to extra_info)."""
+    case = StepCase(model_name, sparsity, device="cuda", policy=policy)
+    if sparsity is not None:
+        report = gx.nn.sparsity_report(case.model)
+        benchmark.extra_info["sparse_layers"] = sum(r.mode == "sparse" for r in report)
+        benchmark.extra_info["layers"] = len(report)
     benchmark.group = f"CUDA train step {model_name}"
     benchmark.pedantic(_synchronized(case.step), rounds=20, warmup_rounds=3)

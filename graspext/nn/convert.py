@@ -1,7 +1,8 @@
 """``sparsify`` swaps pruned Conv2d/Linear layers for sparse ones; ``densify`` swaps them back.
 
-Per layer, sparse or dense is chosen by a cost model (``policy="auto"``: the sparse kernels win below a
-break-even density), by timing both on the layer's real input shape (``policy="measure"``), or forced.
+Per layer, sparse or dense is chosen by a cost model (``policy="auto"``: on the CPU the sparse kernels win
+below a break-even density; on CUDA, where they win or lose by shape rather than density, it keeps cuDNN), by
+timing both on the layer's real input shape and device (``policy="measure"``), or forced.
 Every choice is recorded on the layer (``layer.decision``) and listed by :func:`sparsity_report`.
 """
 
@@ -58,12 +59,16 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
-def _median_ms(fn: Callable[[], None], repeats: int = 3) -> float:
+def _median_ms(fn: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
+    # CUDA work is asynchronous: each timed call runs between two synchronizations.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -81,7 +86,7 @@ def _time_modes(layer: nn.Module, input_shape: torch.Size) -> tuple[float, float
             x.grad = None
             layer(x).sum().backward()
 
-        results[mode] = _median_ms(step)
+        results[mode] = _median_ms(step, x.device)
     layer.mode = saved
     layer.zero_grad(set_to_none=True)
     return results["sparse"], results["dense"]
@@ -116,8 +121,9 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
     Args:
         model: any model; it is copied first unless ``inplace=True``.
         masks: ``graspext.Masks`` or a mapping ``"<layer>.weight" -> bool tensor`` (True = kept).
-        policy: ``"auto"`` (cost model: sparse below ``BREAK_EVEN_DENSITY``), ``"measure"`` (time both modes on
-            each layer's input shape from ``example_input``), ``"sparse"`` or ``"dense"`` (forced).
+        policy: ``"auto"`` (cost model: on the CPU sparse below ``BREAK_EVEN_DENSITY``, on CUDA dense),
+            ``"measure"`` (time both modes on each layer's input shape from ``example_input``, on the model's
+            device), ``"sparse"`` or ``"dense"`` (forced).
         example_input: an input batch for ``policy="measure"``.
         keep_layout: also swap BatchNorm2d and pooling layers for subclasses that keep the sparse kernels'
             batch-innermost layout (same computation and state_dict), so layouts are converted once, and
@@ -173,6 +179,10 @@ def _choose_mode(layer: nn.Module, kind: str, policy: str, input_shape: torch.Si
     density = layer.density
     if policy in ("sparse", "dense"):
         layer.mode, layer.decision = policy, f"{policy} (forced)"
+    elif policy == "auto" and layer.values.device.type == "cuda":
+        layer.mode = "dense"
+        layer.decision = ("dense (cost model: on CUDA the sparse kernels beat cuDNN only for some shapes; "
+                          "policy='measure' times both)")
     elif policy == "auto":
         limit = BREAK_EVEN_DENSITY[kind]
         layer.mode = "sparse" if density < limit else "dense"

@@ -118,6 +118,23 @@ def test_policies_and_report():
     assert all(r.mode == "dense" for r in sparsity_report(dense))
 
 
+@pytest.mark.cuda
+def test_policies_on_cuda(monkeypatch):
+    """On CUDA "auto" keeps cuDNN (the sparse kernels win by shape, not density); "measure" times both modes on
+    the GPU, and the model computes what the dense one computes either way."""
+    monkeypatch.setenv("GRASPEXT_CUDA_SPARSE", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # compare float32 with float32
+    model, masks = _pruned(SmallVGG, sparsity=0.9)
+    model = model.float().cuda()
+    x = torch.randn(8, 3, 8, 8, device="cuda")
+    auto = gx.sparsify(model, masks, policy="auto")
+    assert all(r.mode == "dense" and "on CUDA" in r.decision for r in sparsity_report(auto))
+    measured = gx.sparsify(model, masks, policy="measure", example_input=x)
+    assert all("measured" in r.decision for r in sparsity_report(measured))
+    model.eval(), measured.eval()
+    torch.testing.assert_close(measured(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_torchvision_model():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
