@@ -61,8 +61,11 @@ except RuntimeError as e:
       nm -C graspext/_C.so | grep -c " [TtWw] std::" | sed 's/^/std:: definitions in _C.so: /'
       ;;
     cuda-tests)
-      # In worker processes (pytest-xdist), so that a crashing test is reported and the others still run.
-      timeout "$stage_timeout" python -m pytest tests -q -k cuda -p no:cacheprovider -rs -n 4 2>&1 \
+      # In worker processes where pytest-xdist is installed, so that a crashing test is reported and the others
+      # still run.
+      workers=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
+      # shellcheck disable=SC2086
+      timeout "$stage_timeout" python -m pytest tests -q -k cuda -p no:cacheprovider -rs $workers 2>&1 \
         | tee "$logs/tests_cuda.log" | tail -40
       ;;
     memcheck)

@@ -3,10 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 from graspext import ops
 from graspext.nn.pattern import SparsePattern
-from tests.conftest import skip_without_kernel
+from tests.conftest import hypothesis_settings, skip_without_kernel
 from tests.ops.test_sparse_conv2d import CASES, DEGENERATE, F64, _case, degenerate_case
 
 pytestmark = pytest.mark.cuda
@@ -81,6 +83,21 @@ def test_gradcheck_and_opcheck():
     torch.autograd.gradcheck(lambda x_, v_, b_: ops.sparse_conv2d(x_, v_, pattern, b_, 2, 1), args)
     torch.library.opcheck(torch.ops.graspext.sparse_conv2d.default,
                           (*args[:2], *pattern.tensors(), args[2], list(pattern.weight_shape), [2, 2], [1, 1]))
+
+
+@hypothesis_settings(40)
+@given(
+    n=st.integers(1, 40), cin=st.integers(1, 6), cout=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 9),
+    kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
+    ph=st.integers(0, 2), pw=st.integers(0, 2), density=st.floats(0.0, 1.0), bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_property_float64(n, cin, cout, h, w, kh, kw, sh, sw, ph, pw, density, bias, seed):
+    """The CPU suite's property test on the CUDA kernels: any shape, stride, padding and density."""
+    if h + 2 * ph < kh or w + 2 * pw < kw:
+        return  # no output position
+    x, weight, b, mask = _case(n, cin, cout, h, w, (kh, kw), density, torch.float64, seed, bias)
+    _check_conv_cuda(x, weight, b, mask, (sh, sw), (ph, pw))
 
 
 def test_bad_index_raises():
