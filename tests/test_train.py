@@ -78,7 +78,8 @@ def test_cuda_amp_keeps_masks_and_resumes_after_kill(tmp_path, monkeypatch, kern
     monkeypatch.setenv("GRASPEXT_CUDA_SPARSE", "1")
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    config = {**CFG, "device": "cuda", "amp": True, "kernels": kernels}
+    # sparse_policy="sparse": every pruned layer on the CUDA kernels ("auto" keeps cuDNN on CUDA).
+    config = {**CFG, "device": "cuda", "amp": True, "kernels": kernels, "sparse_policy": "sparse"}
     full, full_state, resumed, resumed_state, masks = _kill_and_resume(tmp_path, config)
     assert all(math.isfinite(r["train_loss"]) for r in full.history)
     assert full.history[-1]["train_loss"] < full.history[0]["train_loss"]
