@@ -1,6 +1,7 @@
 #pragma once
 // Argument checks shared by every backend. Messages name the argument and say what was expected.
 
+#include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -30,6 +31,24 @@ inline int64_t total_numel(at::TensorList list) {
   int64_t n = 0;
   for (const auto& t : list) n += t.numel();
   return n;
+}
+
+// The arguments of global_kth_value, for every backend. Returns the scores' dtype.
+inline c10::ScalarType check_global_kth_value_args(at::TensorList scores, int64_t k) {
+  const auto dtype = check_score_list(scores, "scores");
+  const int64_t n = total_numel(scores);
+  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "] (the total number of scores), got ", k);
+  return dtype;
+}
+
+// Raises naming the first tensor that holds NaN or Inf, if any; the kernels call it once they have counted
+// non-finite scores (off the hot path: one reduction per tensor).
+inline void check_scores_finite(at::TensorList scores) {
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const int64_t bad = scores[i].numel() - at::isfinite(scores[i]).sum().item<int64_t>();
+    TORCH_CHECK(bad == 0, "scores[", i, "] contains ", bad,
+                " NaN or Inf value(s); scores must be finite to be ranked (check the model and data)");
+  }
 }
 
 // The arguments of masks_from_threshold, for every backend. Returns the scores' dtype.

@@ -157,18 +157,29 @@ def test_output_is_batch_innermost():
     assert y.permute(2, 3, 1, 0).is_contiguous()  # [H, W, C, N]
 
 
-@hypothesis_settings(60)
-@given(
+# Random convolution problems (any shape, stride, padding and density), shared with the CUDA tests.
+CONV_PROBLEMS = dict(
     n=st.integers(1, 40), cin=st.integers(1, 6), cout=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 9),
     kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
     ph=st.integers(0, 2), pw=st.integers(0, 2), density=st.floats(0.0, 1.0), bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_conv_property_float64(n, cin, cout, h, w, kh, kw, sh, sw, ph, pw, density, bias, seed):
+
+
+def conv_problem(n, cin, cout, h, w, kh, kw, sh, sw, ph, pw, density, bias, seed):
+    """(x, weight, bias, mask, stride, padding) in float64 for one draw of CONV_PROBLEMS, or None where the
+    input has no output position (covered by the error test)."""
     if h + 2 * ph < kh or w + 2 * pw < kw:
-        return  # no output position; covered by the error test
-    x, weight, b, mask = _case(n, cin, cout, h, w, (kh, kw), density, torch.float64, seed, bias)
-    _check_conv(x, weight, b, mask, (sh, sw), (ph, pw), F64)
+        return None
+    return (*_case(n, cin, cout, h, w, (kh, kw), density, torch.float64, seed, bias), (sh, sw), (ph, pw))
+
+
+@hypothesis_settings(60)
+@given(**CONV_PROBLEMS)
+def test_conv_property_float64(**draw):
+    problem = conv_problem(**draw)
+    if problem is not None:
+        _check_conv(*problem, F64)
 
 
 @hypothesis_settings(40)

@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
-from hypothesis import strategies as st
 
 from graspext import ops
 from graspext.nn.pattern import SparsePattern
 from tests.conftest import hypothesis_settings, skip_without_kernel
-from tests.ops.test_sparse_conv2d import CASES, DEGENERATE, F64, _case, degenerate_case
+from tests.ops.test_sparse_conv2d import CASES, CONV_PROBLEMS, DEGENERATE, F64, _case, conv_problem, degenerate_case
 
 pytestmark = pytest.mark.cuda
 
@@ -86,18 +85,12 @@ def test_gradcheck_and_opcheck():
 
 
 @hypothesis_settings(40)
-@given(
-    n=st.integers(1, 40), cin=st.integers(1, 6), cout=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 9),
-    kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
-    ph=st.integers(0, 2), pw=st.integers(0, 2), density=st.floats(0.0, 1.0), bias=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_conv_property_float64(n, cin, cout, h, w, kh, kw, sh, sw, ph, pw, density, bias, seed):
+@given(**CONV_PROBLEMS)
+def test_conv_property_float64(**draw):
     """The CPU suite's property test on the CUDA kernels: any shape, stride, padding and density."""
-    if h + 2 * ph < kh or w + 2 * pw < kw:
-        return  # no output position
-    x, weight, b, mask = _case(n, cin, cout, h, w, (kh, kw), density, torch.float64, seed, bias)
-    _check_conv_cuda(x, weight, b, mask, (sh, sw), (ph, pw))
+    problem = conv_problem(**draw)
+    if problem is not None:
+        _check_conv_cuda(*problem)
 
 
 def test_bad_index_raises():

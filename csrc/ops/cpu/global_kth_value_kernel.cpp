@@ -75,18 +75,11 @@ void check_finite(const std::vector<int64_t>& top_hist, const std::vector<at::Te
   constexpr int side = nonfinite_bins_per_side<scalar_t>();
   int64_t nonfinite = 0;
   for (int b = 0; b < side; ++b) nonfinite += top_hist[b] + top_hist[kRadixBins - 1 - b];
-  if (nonfinite == 0) return;
-  for (size_t i = 0; i < scores.size(); ++i) {
-    const int64_t bad = scores[i].numel() - at::isfinite(scores[i]).sum().item<int64_t>();
-    TORCH_CHECK(bad == 0, "scores[", i, "] contains ", bad,
-                " NaN or Inf value(s); scores must be finite to be ranked (check the model and data)");
-  }
+  if (nonfinite > 0) check_scores_finite(scores);
 }
 
 at::Tensor global_kth_value_cpu(at::TensorList scores_in, int64_t k) {
-  const auto dtype = check_score_list(scores_in, "scores");
-  const int64_t n = total_numel(scores_in);
-  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "] (the total number of scores), got ", k);
+  const auto dtype = check_global_kth_value_args(scores_in, k);
   const auto scores = cpu::contiguous_all(scores_in);
   const auto items = cpu::make_work_items(scores, kItemSize);
   at::Tensor result;

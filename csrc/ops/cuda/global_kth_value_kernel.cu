@@ -190,9 +190,8 @@ __global__ void __launch_bounds__(kChooseThreads) choose_digit_kernel(
 }
 
 at::Tensor global_kth_value_cuda(at::TensorList scores_in, int64_t k) {
-  const auto dtype = check_score_list(scores_in, "scores");
+  const auto dtype = check_global_kth_value_args(scores_in, k);
   const int64_t n = total_numel(scores_in);
-  TORCH_CHECK(k >= 1 && k <= n, "k must be in [1, ", n, "] (the total number of scores), got ", k);
   const c10::cuda::CUDAGuard guard(scores_in[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   std::vector<at::Tensor> scores;
@@ -235,13 +234,7 @@ at::Tensor global_kth_value_cuda(at::TensorList scores_in, int64_t k) {
     }
   });
   const int64_t nonfinite = state[2].item<int64_t>();  // the one synchronisation
-  if (nonfinite > 0) {
-    for (size_t i = 0; i < scores_in.size(); ++i) {
-      const int64_t bad = scores_in[i].numel() - at::isfinite(scores_in[i]).sum().item<int64_t>();
-      TORCH_CHECK(bad == 0, "scores[", i, "] contains ", bad,
-                  " NaN or Inf value(s); scores must be finite to be ranked (check the model and data)");
-    }
-  }
+  if (nonfinite > 0) check_scores_finite(scores_in);
   return result;
 }
 
