@@ -45,7 +45,9 @@ def batch_norm_relu(input: Tensor, weight: Tensor | None, bias: Tensor | None, e
 def _setup_context(ctx, inputs, output):
     input, weight, bias, residual, eps, relu = inputs
     out, mean, var = output
-    ctx.save_for_backward(input, out, weight, mean, var)
+    # The backward reads `out` for the ReLU mask only. Without the ReLU it is not saved, so the caller may
+    # modify it in place (as a ResNet block does with `out += identity`), as after torch's batch_norm.
+    ctx.save_for_backward(input, out if relu else None, weight, mean, var)
     ctx.eps, ctx.relu = eps, relu
     ctx.mark_non_differentiable(mean, var)
 
@@ -54,7 +56,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     input, out, weight, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_input, grad_weight, grad_bias, grad_residual = _ops.batch_norm_relu_backward(
-        grad_out, input, out, weight, mean, var, ctx.eps, ctx.relu, needs[3]
+        grad_out, input, input if out is None else out, weight, mean, var, ctx.eps, ctx.relu, needs[3]
     )
     return (
         grad_input if needs[0] else None,

@@ -66,6 +66,23 @@ def test_matches_torch_float32(shape, relu, residual):
            shortcut)
 
 
+def test_output_without_relu_may_be_modified_in_place():
+    """As after torch's batch_norm: a ResNet block adds its shortcut into the output in place."""
+    g = torch.Generator().manual_seed(7)
+    x, w, b, shortcut = (torch.randn(shape, generator=g, dtype=torch.float64)
+                         for shape in ((4, 3, 6), (3,), (3,), (4, 3, 6)))
+    xs, ws, bs = (_leaf(t) for t in (x, w, b))
+    y, _, _ = ops.batch_norm_relu(xs, ws, bs, 1e-5, False)
+    y += shortcut
+    xr, wr, br = (_leaf(t) for t in (x, w, b))
+    yr = _reference(xr, wr, br, 1e-5, False) + shortcut
+    grad = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad)
+    yr.backward(grad)
+    for ours, ref in ((xs, xr), (ws, wr), (bs, br)):
+        torch.testing.assert_close(ours.grad, ref.grad)
+
+
 def test_nan_passes_relu_as_in_torch():
     x = torch.randn(4, 2, 8, dtype=torch.float64)
     residual = torch.zeros_like(x)
