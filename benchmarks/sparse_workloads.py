@@ -86,10 +86,19 @@ class ConvCase:
         self.x_sparse.requires_grad_(self.needs_input_grad)
         self.grad_sparse = to_batch_innermost(self.grad)
         self.density = self.pattern.density
+        # Dense torch on the live channels only (the "compact" mode), without bias as the other two.
+        self.compact_layer = gx.nn.SparseConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                                conv.padding, conv.dilation, conv.groups, self.weight.detach(), None,
+                                                mask, mode="compact")
+        self.dead_channels = self.compact_layer.dead_channels
 
     def dense(self) -> None:
         self.x.grad = self.weight.grad = None  # a layer's gradients are fresh tensors in training too
         F.conv2d(self.x, self.weight, None, self.stride, self.padding).backward(self.grad)
+
+    def compact(self) -> None:
+        self.x.grad = self.compact_layer.values.grad = None
+        self.compact_layer(self.x).backward(self.grad)
 
     def sparse(self) -> None:
         self.x_sparse.grad = self.values.grad = None
@@ -185,3 +194,19 @@ class StepCase:
         self.opt.zero_grad(set_to_none=True)
         F.cross_entropy(self.model(self.x), self.y).backward()
         self.opt.step()
+
+    def graphed_step(self):
+        """The step captured once as a CUDA graph (PyTorch's whole-network recipe: warm-up on a side stream, then
+        capture with the gradients allocated inside the graph); returns the replay. Raises where capture fails."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # optimizer state and cuDNN plans exist before capture
+                self.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            F.cross_entropy(self.model(self.x), self.y).backward()
+            self.opt.step()
+        return graph.replay

@@ -1,7 +1,8 @@
 """GPU benchmarks of the sparse layers (skipped without CUDA): per-layer forward+backward for every distinct
 conv of VGG19- and ResNet32-CIFAR at batch 128 and Linear 4096x4096 at batch 256, graspext's CUDA kernels
-against dense cuDNN/cuBLAS with PyTorch's defaults (TF32 convolutions) and with strict FP32, and against
-torch.sparse CSR (cuSPARSE) for Linear; and the end-to-end train step, sparse against dense.
+against dense cuDNN/cuBLAS with PyTorch's defaults (TF32 convolutions) and with strict FP32, against cuDNN on the
+live channels only ("compact"), and against torch.sparse CSR (cuSPARSE) for Linear; and the end-to-end train
+step, sparse against dense, eager and as a captured CUDA graph.
 
 Every timed call ends with torch.cuda.synchronize(). The sparse modules use the CUDA kernels only with
 GRASPEXT_CUDA_SPARSE=1 (they are still slower than cuDNN end to end); this file sets it.
@@ -53,17 +54,21 @@ def _to_cuda(case) -> None:
             setattr(case, name, moved)
     if hasattr(case, "pattern"):
         case.pattern = case.pattern.to("cuda")
+    if hasattr(case, "compact_layer"):
+        case.compact_layer.cuda()
 
 
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("model_name,key", CONVS, ids=[f"{m}:{k}" for m, k in CONVS])
-@pytest.mark.parametrize("impl", ["dense_tf32", "dense_fp32", "sparse"])
+@pytest.mark.parametrize("impl", ["dense_tf32", "dense_fp32", "sparse", "compact_tf32"])
 def test_conv_layer_cuda(benchmark, model_name, key, sparsity, impl):
+    """``compact_tf32``: cuDNN on the live channels only (dead channels dropped; extra_info has their counts)."""
     case = ConvCase(model_name, key, sparsity)
     _to_cuda(case)
     benchmark.group = f"CUDA conv {key} at {sparsity:.0%}"
+    benchmark.extra_info["dead_output_channels"], benchmark.extra_info["dead_input_channels"] = case.dead_channels
     with strict_fp32(impl == "dense_fp32"):
-        fn = _synchronized(case.sparse if impl == "sparse" else case.dense)
+        fn = _synchronized({"sparse": case.sparse, "compact_tf32": case.compact}.get(impl, case.dense))
         benchmark.pedantic(fn, rounds=20, warmup_rounds=3)
 
 
@@ -82,13 +87,22 @@ def test_linear_4096_cuda(benchmark, sparsity, impl):
                                              (0.98, "measure")],
                          ids=["dense", "95%-all-sparse", "98%-all-sparse", "95%-measured", "98%-measured"])
 @pytest.mark.parametrize("model_name", MODELS)
-def test_train_step_cuda(benchmark, model_name, sparsity, policy):
-    """Every pruned layer on the sparse kernels ("all-sparse"), or each on whichever of the sparse kernels and
-    cuDNN ran its forward+backward faster on this GPU (``policy="measure"``; the choices go to extra_info)."""
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graph"])
+def test_train_step_cuda(benchmark, model_name, sparsity, policy, graphs):
+    """Every pruned layer on the sparse kernels ("all-sparse"), or each on whichever of the sparse kernels, cuDNN
+    and cuDNN on the live channels ran its forward+backward fastest on this GPU (``policy="measure"``; the
+    choices go to extra_info); eager, and replayed as one captured CUDA graph."""
     case = StepCase(model_name, sparsity, device="cuda", policy=policy)
     if sparsity is not None:
         report = gx.nn.sparsity_report(case.model)
-        benchmark.extra_info["sparse_layers"] = sum(r.mode == "sparse" for r in report)
+        for mode in ("sparse", "compact"):
+            benchmark.extra_info[f"{mode}_layers"] = sum(r.mode == mode for r in report)
         benchmark.extra_info["layers"] = len(report)
-    benchmark.group = f"CUDA train step {model_name}"
-    benchmark.pedantic(_synchronized(case.step), rounds=20, warmup_rounds=3)
+    benchmark.group = f"CUDA train step {model_name}" + (" (CUDA graph)" if graphs else "")
+    step = case.step
+    if graphs:
+        try:
+            step = case.graphed_step()
+        except RuntimeError as error:  # recorded, not hidden: the results table says which steps could not
+            pytest.skip(f"CUDA graph capture failed: {error}")
+    benchmark.pedantic(_synchronized(step), rounds=20, warmup_rounds=3)

@@ -74,7 +74,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("kernels", ["dense", "sparse"])
 def test_cuda_amp_keeps_masks_and_resumes_after_kill(tmp_path, monkeypatch, kernels):
     """AMP (float16 autocast + GradScaler, whose state is checkpointed) on CUDA, with masked dense layers or
-    the CUDA sparse kernels (which compute in float32 under autocast)."""
+    the CUDA sparse kernels (which compute in float16 under autocast, accumulating in float32)."""
     monkeypatch.setenv("GRASPEXT_CUDA_SPARSE", "1")
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)

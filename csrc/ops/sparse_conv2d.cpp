@@ -176,8 +176,12 @@ void check_values(const at::Tensor& values, const at::Tensor& like, const char* 
 
 void check_image(const at::Tensor& t, const char* name, c10::DeviceType device) {
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              " must be float32 or float64, got ", t.scalar_type());
+  // Half precision on CUDA only (float32 accumulation; the CPU kernels have no half-precision path).
+  const auto dtype = t.scalar_type();
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || (half && device == c10::DeviceType::CUDA), name,
+              " must be float32 or float64", device == c10::DeviceType::CUDA ? " (or float16/bfloat16)" : "",
+              ", got ", dtype);
   TORCH_CHECK(t.device().type() == device, name, " must be a ", c10::DeviceTypeName(device),
               " tensor here, got ", t.device());
 }

@@ -2,6 +2,7 @@
 
 from graspext.nn.convert import (
     BREAK_EVEN_DENSITY,
+    COMPACT_MIN_SAVING,
     LayerChoice,
     densify,
     format_sparsity_report,
@@ -22,6 +23,7 @@ __all__ = [
     "format_sparsity_report",
     "LayerChoice",
     "BREAK_EVEN_DENSITY",
+    "COMPACT_MIN_SAVING",
     "is_batch_innermost",
     "to_batch_innermost",
 ]

@@ -1,8 +1,9 @@
 """``sparsify`` swaps pruned Conv2d/Linear layers for sparse ones; ``densify`` swaps them back.
 
-Per layer, sparse or dense is chosen by a cost model (``policy="auto"``: on the CPU the sparse kernels win
-below a break-even density; on CUDA, where they win or lose by shape rather than density, it keeps cuDNN), by
-timing both on the layer's real input shape and device (``policy="measure"``), or forced.
+Per layer, the sparse kernels, dense torch, or dense torch on the live channels only ("compact": layers with
+dead channels) is chosen by a cost model (``policy="auto"``: on the CPU the sparse kernels win below a
+break-even density; on CUDA, where they win or lose by shape rather than density, it keeps cuDNN), by timing
+the candidates on the layer's real input shape and device (``policy="measure"``), or forced.
 Every choice is recorded on the layer (``layer.decision``) and listed by :func:`sparsity_report`.
 """
 
@@ -20,12 +21,16 @@ from torch import Tensor, nn
 from graspext.nn.layout import from_layout_module, fuse_batch_norm_relu, to_layout_module
 from graspext.nn.modules import SparseConv2d, SparseLinear
 
-POLICIES = ("auto", "sparse", "dense", "measure")
+POLICIES = ("auto", "sparse", "dense", "compact", "measure")
 
 # Densities below which the sparse kernels beat dense oneDNN/MKL for a forward+backward pass, measured per
 # layer on VGG19/ResNet32-CIFAR shapes at batch 128 and Linear 4096x4096 at batch 256 on a 2-core AVX-512
 # CPU (benchmarks/RESULTS.md): sparse time grows about linearly with density, dense time is flat.
 BREAK_EVEN_DENSITY = {"conv": 0.25, "linear": 0.08}
+# The cost model runs a dense layer on its live channels when that removes at least this share of its
+# multiply-adds: below it, copying the live input channels and scattering the output may cost more than it
+# saves (policy="measure" times it instead).
+COMPACT_MIN_SAVING = 0.1
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,24 @@ def _median_ms(fn: Callable[[], None], device: torch.device, repeats: int = 3) -
     return statistics.median(times)
 
 
-def _time_modes(layer: nn.Module, input_shape: torch.Size) -> tuple[float, float]:
-    """Median forward+backward milliseconds of ``layer`` in sparse and in dense mode."""
+def _candidate_modes(layer: nn.Module) -> list[str]:
+    """The modes worth timing: sparse where the kernels run on the layer's device, compact with dead channels."""
+    from graspext.nn.modules import _cuda_kernels_enabled
+
+    device = layer.values.device.type
+    modes = ["sparse"] if device == "cpu" or (device == "cuda" and _cuda_kernels_enabled()) else []
+    modes.append("dense")
+    if layer.compact_mac_fraction < 1 and layer.nnz > 0:
+        modes.append("compact")
+    return modes
+
+
+def _time_modes(layer: nn.Module, input_shape: torch.Size) -> dict[str, float]:
+    """Median forward+backward milliseconds of ``layer`` in each candidate mode."""
     x = torch.randn(input_shape, dtype=layer.values.dtype, device=layer.values.device, requires_grad=True)
     results = {}
     saved = layer.mode
-    for mode in ("sparse", "dense"):
+    for mode in _candidate_modes(layer):
         layer.mode = mode
 
         def step():
@@ -89,7 +106,7 @@ def _time_modes(layer: nn.Module, input_shape: torch.Size) -> tuple[float, float
         results[mode] = _median_ms(step, x.device)
     layer.mode = saved
     layer.zero_grad(set_to_none=True)
-    return results["sparse"], results["dense"]
+    return results
 
 
 def _layer_inputs(model: nn.Module, names: list[str], example_input) -> dict[str, torch.Size]:
@@ -121,9 +138,10 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
     Args:
         model: any model; it is copied first unless ``inplace=True``.
         masks: ``graspext.Masks`` or a mapping ``"<layer>.weight" -> bool tensor`` (True = kept).
-        policy: ``"auto"`` (cost model: on the CPU sparse below ``BREAK_EVEN_DENSITY``, on CUDA dense),
-            ``"measure"`` (time both modes on each layer's input shape from ``example_input``, on the model's
-            device), ``"sparse"`` or ``"dense"`` (forced).
+        policy: ``"auto"`` (cost model: on the CPU sparse below ``BREAK_EVEN_DENSITY``, on CUDA dense; a dense
+            layer runs on its live channels only when dead channels remove ``COMPACT_MIN_SAVING`` of its work),
+            ``"measure"`` (time the modes on each layer's input shape from ``example_input``, on the model's
+            device), ``"sparse"``, ``"dense"`` or ``"compact"`` (forced).
         example_input: an input batch for ``policy="measure"``.
         keep_layout: also swap BatchNorm2d and pooling layers for subclasses that keep the sparse kernels'
             batch-innermost layout (same computation and state_dict), so layouts are converted once, and
@@ -165,7 +183,7 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
     if keep_layout and targets:
         layers = [m for m in out.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
         for layer, following in zip(layers, layers[1:]):
-            layer.emit_batch_innermost = (isinstance(layer, SparseConv2d) and layer.mode == "dense"
+            layer.emit_batch_innermost = (isinstance(layer, SparseConv2d) and layer.mode != "sparse"
                                           and following.mode == "sparse")
         for name, module in list(out.named_modules()):
             converted = to_layout_module(module)
@@ -175,24 +193,36 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
     return out
 
 
+def _dense_or_compact(layer: nn.Module, why: str) -> tuple[str, str]:
+    """The cost model's choice for a layer that runs on dense torch kernels."""
+    dead_out, dead_in = layer.dead_channels
+    saving = 1 - layer.compact_mac_fraction
+    if layer.nnz > 0 and saving >= COMPACT_MIN_SAVING:
+        return "compact", (f"compact (cost model: {why}; {dead_out} dead output and {dead_in} dead input channels "
+                           f"remove {saving:.0%} of the dense work)")
+    return "dense", f"dense (cost model: {why})"
+
+
 def _choose_mode(layer: nn.Module, kind: str, policy: str, input_shape: torch.Size | None) -> None:
     density = layer.density
-    if policy in ("sparse", "dense"):
+    if policy in ("sparse", "dense", "compact"):
         layer.mode, layer.decision = policy, f"{policy} (forced)"
     elif policy == "auto" and layer.values.device.type == "cuda":
-        layer.mode = "dense"
-        layer.decision = ("dense (cost model: on CUDA the sparse kernels beat cuDNN only for some shapes; "
-                          "policy='measure' times both)")
+        layer.mode, layer.decision = _dense_or_compact(
+            layer, "on CUDA the sparse kernels beat cuDNN only for some shapes; policy='measure' times them")
     elif policy == "auto":
         limit = BREAK_EVEN_DENSITY[kind]
-        layer.mode = "sparse" if density < limit else "dense"
-        layer.decision = f"{layer.mode} (cost model: density {density:.3f} {'<' if density < limit else '>='} {limit})"
+        if density < limit:
+            layer.mode, layer.decision = "sparse", f"sparse (cost model: density {density:.3f} < {limit})"
+        else:
+            layer.mode, layer.decision = _dense_or_compact(layer, f"density {density:.3f} >= {limit}")
     elif input_shape is None:
         layer.mode, layer.decision = "dense", "dense (the example input never reached this layer)"
     else:
-        sparse_ms, dense_ms = _time_modes(layer, input_shape)
-        layer.mode = "sparse" if sparse_ms < dense_ms else "dense"
-        layer.decision = f"{layer.mode} (measured fwd+bwd: sparse {sparse_ms:.2f} ms, dense {dense_ms:.2f} ms)"
+        times = _time_modes(layer, input_shape)
+        layer.mode = min(times, key=times.get)
+        listed = ", ".join(f"{mode} {ms:.2f} ms" for mode, ms in times.items())
+        layer.decision = f"{layer.mode} (measured fwd+bwd: {listed})"
 
 
 def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -228,5 +258,7 @@ def format_sparsity_report(model: nn.Module) -> str:
     for r in rows:
         lines.append(f"{r.name:<{width}}  {str(r.weight_shape):<20} {r.density:>8.4f}  {r.decision}")
     n_sparse = sum(r.mode == "sparse" for r in rows)
-    lines.append(f"{n_sparse} of {len(rows)} layers use the sparse kernels")
+    n_compact = sum(r.mode == "compact" for r in rows)
+    lines.append(f"{n_sparse} of {len(rows)} layers use the sparse kernels"
+                 + (f", {n_compact} dense kernels on their live channels" if n_compact else ""))
     return "\n".join(lines)

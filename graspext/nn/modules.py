@@ -2,13 +2,19 @@
 
 The trainable parameter is ``values`` (one entry per kept weight), so the optimizer, its momentum and
 weight decay cost O(kept weights). The sparsity pattern lives in index buffers built once
-(:class:`~graspext.nn.pattern.SparsePattern`). Each layer runs in one of two modes:
+(:class:`~graspext.nn.pattern.SparsePattern`). Each layer runs in one of three modes:
 
-- ``"sparse"``: the graspext kernels (CPU, float32/float64; CUDA only with ``GRASPEXT_CUDA_SPARSE=1``: the
-  CUDA kernels are correct but still slower than cuDNN for whole networks, see benchmarks/RESULTS.md);
+- ``"sparse"``: the graspext kernels (CPU, float32/float64; CUDA only with ``GRASPEXT_CUDA_SPARSE=1``, also
+  float16/bfloat16 and autocast: the CUDA kernels are correct but still slower than cuDNN for whole networks,
+  see benchmarks/RESULTS.md);
 - ``"dense"``: the dense torch kernel on the weight scattered from ``values`` -- for layers where dense is
   faster (``graspext.sparsify`` measures or estimates this per layer), and for inputs the kernels do not
-  handle (CUDA unless enabled, other dtypes). The result is the same either way.
+  handle (CUDA unless enabled, other dtypes);
+- ``"compact"``: the dense torch kernel on the live channels only -- input channels that some kept weight
+  reads and output channels that some kept weight writes (a dead output channel is its bias). This is dense
+  work on smaller shapes, for layers with dead channels where dense wins over the sparse kernels.
+
+The result is the same in every mode.
 
 ``state_dict`` holds a dense ``weight`` (zeros at pruned positions) and ``bias``, exactly the keys of
 ``nn.Conv2d`` / ``nn.Linear``: a checkpoint loads into the dense model as it is.
@@ -27,8 +33,9 @@ from graspext.nn.layout import to_batch_innermost
 from graspext.nn.pattern import SparsePattern
 from graspext.ops.sparse import sparse_conv2d, sparse_linear
 
-MODES = ("sparse", "dense")
+MODES = ("sparse", "dense", "compact")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)  # CUDA only, float32 accumulation
 _INDEX_NAMES = ("row_ptr", "row_taps", "col_ptr", "col_taps", "col_order")
 _warned: set[str] = set()
 
@@ -57,6 +64,30 @@ def _dense_layer_mask(layer: nn.Module, cls: type, name: str, mask: Tensor | Non
     return mask
 
 
+def _prod(sizes) -> int:
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
+
+
+def _compaction(pattern: SparsePattern) -> tuple[Tensor, Tensor, Tensor]:
+    """The live output and input channels of a pattern, and each value's position in the compact weight."""
+    out, _, kh, kw = pattern.weight_shape
+    device = pattern.row_ptr.device
+    row_counts, col_counts = pattern.row_ptr.diff(), pattern.col_ptr.diff()
+    live_out = row_counts.nonzero().flatten()
+    live_in = col_counts.nonzero().flatten()
+    # Rank of each live channel among the live ones (dead channels are never looked up).
+    rank_out = torch.cumsum(row_counts > 0, 0) - 1
+    rank_in = torch.cumsum(col_counts > 0, 0) - 1
+    rows = torch.repeat_interleave(torch.arange(out, device=device), row_counts)
+    taps = pattern.row_taps.long()
+    channel, rs = taps // (kh * kw), taps % (kh * kw)
+    index = (rank_out[rows] * live_in.numel() + rank_in[channel]) * (kh * kw) + rs
+    return live_out, live_in, index
+
+
 class _SparseLayer(nn.Module):
     """What SparseConv2d and SparseLinear share: values, index buffers, mode, state_dict as a dense weight."""
 
@@ -65,8 +96,13 @@ class _SparseLayer(nn.Module):
             raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {self._dense_shape()}")
         self.values = nn.Parameter(pattern.gather(weight.detach().reshape(pattern.weight_shape)).clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        for name, t in zip(_INDEX_NAMES, pattern.to(weight.device).tensors()):
+        pattern = pattern.to(weight.device)
+        for name, t in zip(_INDEX_NAMES, pattern.tensors()):
             self.register_buffer(name, t, persistent=False)
+        live_out, live_in, compact_index = _compaction(pattern)
+        self.register_buffer("live_out", live_out, persistent=False)
+        self.register_buffer("live_in", live_in, persistent=False)
+        self.register_buffer("compact_index", compact_index, persistent=False)
         self.mode = mode
         self.decision = f"{mode} (chosen by the caller)"
         # Set by sparsify on dense-mode layers followed by sparse ones: hand them the batch-innermost layout
@@ -95,6 +131,43 @@ class _SparseLayer(nn.Module):
     def density(self) -> float:
         return self.pattern.density
 
+    @property
+    def dead_channels(self) -> tuple[int, int]:
+        """``(outputs, inputs)``: how many output channels no kept weight writes and input channels none reads."""
+        out, inp = self._dense_shape()[:2]
+        return out - self.live_out.numel(), inp - self.live_in.numel()
+
+    @property
+    def compact_mac_fraction(self) -> float:
+        """The dense work of ``"compact"`` mode as a fraction of the full dense layer's."""
+        out, inp = self._dense_shape()[:2]
+        return self.live_out.numel() * self.live_in.numel() / max(1, out * inp)
+
+    def compact_weight(self) -> Tensor:
+        """The dense weight of the live channels only, ``[live outputs, live inputs, ...]`` (differentiable)."""
+        shape = (self.live_out.numel(), self.live_in.numel(), *self._dense_shape()[2:])
+        flat = self.values.new_zeros(self.live_out.numel() * self.live_in.numel() * _prod(shape[2:]))
+        return flat.index_put((self.compact_index,), self.values).view(shape)
+
+    def _compact_call(self, x: Tensor, dim: int, dense_fn) -> Tensor:
+        """``dense_fn(x, weight, bias)`` on the live channels; ``dim`` is the channel dimension of x and the result."""
+        if x.shape[dim] != self.live_in.numel():
+            x = x.index_select(dim, self.live_in)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = dense_fn(x, self.compact_weight().to(x.dtype), None if bias is None else bias[self.live_out])
+        n_out = self._dense_shape()[0]
+        if self.live_out.numel() == n_out:
+            return y
+        shape = list(y.shape)
+        shape[dim] = n_out
+        if bias is None:
+            full = y.new_zeros(shape)
+        else:  # dead outputs are their bias
+            view = [1] * len(shape)
+            view[dim] = n_out
+            full = bias.view(view).expand(shape)
+        return full.index_copy(dim % len(shape), self.live_out, y)
+
     def mask(self) -> Tensor:
         """The boolean mask in the dense weight's shape."""
         return self.pattern.mask().view(self._dense_shape())
@@ -114,11 +187,12 @@ class _SparseLayer(nn.Module):
                        "sparse layers compute densely there (same results)")
             return False
         dtype = x.dtype
-        if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-            dtype = torch.float32  # the ops are registered to compute in float32 under autocast
-        if dtype not in _KERNEL_DTYPES or dtype != self.values.dtype:
-            _warn_once(f"dtype-{x.dtype}", f"graspext's sparse kernels take float32/float64 input matching the "
-                       f"weights ({self.values.dtype}), got {x.dtype}; computing densely")
+        if dtype in _HALF_DTYPES and torch.is_autocast_enabled(x.device.type):
+            dtype = self.values.dtype  # the ops cast under autocast (CPU: to float32; CUDA: to autocast's dtype)
+        kernel_dtypes = _KERNEL_DTYPES + (_HALF_DTYPES if x.device.type == "cuda" else ())
+        if dtype not in kernel_dtypes or dtype != self.values.dtype:
+            _warn_once(f"dtype-{x.dtype}", f"graspext's sparse kernels take {', '.join(map(str, kernel_dtypes))} "
+                       f"input matching the weights ({self.values.dtype}), got {x.dtype}; computing densely")
             return False
         return True
 
@@ -230,8 +304,14 @@ class SparseConv2d(_SparseLayer):
             ph, pw = self.padding
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             padding = 0
-        y = F.conv2d(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
-                     self.stride, padding, self.dilation, self.groups)
+
+        def conv(inp, weight, bias):
+            return F.conv2d(inp, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+        if self._mode == "compact" and self.nnz > 0:
+            y = self._compact_call(x, 1, conv)
+        else:
+            y = conv(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.emit_batch_innermost and y.shape[0] > 1:
             y = to_batch_innermost(y)
         return y
@@ -276,6 +356,8 @@ class SparseLinear(_SparseLayer):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {self.in_features}")
+        if self._mode == "compact" and self.nnz > 0:
+            return self._compact_call(x, -1, F.linear)
         if not self._use_kernels(x):
             return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         lead = x.shape[:-1]

@@ -33,7 +33,7 @@ def _pair(value, name: str) -> tuple[int, int]:
 def _check_values(input: Tensor, values: Tensor, pattern) -> None:
     if values.shape != (pattern.nnz,):
         raise ValueError(f"values must have shape ({pattern.nnz},) (one per kept weight), got {tuple(values.shape)}")
-    # Under autocast (registered below) half-precision input is cast to float32 with the values.
+    # Under autocast (registered below) the op casts input and values to one dtype.
     autocast = input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type)
     if values.dtype != input.dtype and not autocast:
         raise TypeError(f"values has dtype {values.dtype} but input has {input.dtype}")
@@ -125,11 +125,12 @@ def _linear_backward(ctx, grad_output):
 
 torch.library.register_autograd("graspext::sparse_linear", _linear_backward, setup_context=_setup_linear_context)
 
-# The kernels have no half-precision path: under autocast their inputs are cast to float32, so a sparse layer
-# between autocast's float16/bfloat16 layers computes in float32 instead of failing on mixed dtypes.
+# Autocast on the CPU: its kernels have no half-precision path, so inputs are cast to float32 and a sparse layer
+# between autocast's bfloat16 layers computes in float32 instead of failing on mixed dtypes. On CUDA the
+# kernels take float16/bfloat16 (float32 accumulation); their AutocastCUDA kernels, in C++, cast to autocast's
+# dtype.
 for _op in ("graspext::sparse_conv2d", "graspext::sparse_linear"):
-    for _device in ("cpu", "cuda"):
-        torch.library.register_autocast(_op, _device, torch.float32)
+    torch.library.register_autocast(_op, "cpu", torch.float32)
 
 
 # ---- fake kernels (shapes and strides only) -------------------------------------------------------------

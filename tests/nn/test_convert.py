@@ -1,6 +1,7 @@
 """sparsify / densify on whole models: same function, per-layer choices, layouts, training."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 import graspext as gx
 from graspext.nn import SparseConv2d, SparseLinear, format_sparsity_report, sparsity_report
 from graspext.nn.layout import BatchNorm2d, MaxPool2d
-from tests.conftest import SmallResNet, SmallVGG
+from tests.conftest import DEVICES, SmallResNet, SmallVGG
 
 
 def _pruned(model_cls, sparsity=0.8, seed=0):
@@ -110,7 +111,8 @@ def test_policies_and_report():
     rows = sparsity_report(auto)
     assert len(rows) == len(masks)
     assert all("cost model" in r.decision for r in rows)
-    assert all(r.mode == ("sparse" if r.density < gx.nn.BREAK_EVEN_DENSITY[r.kind] else "dense") for r in rows)
+    assert all((r.mode == "sparse") == (r.density < gx.nn.BREAK_EVEN_DENSITY[r.kind]) for r in rows)
+    assert all(r.mode in ("dense", "compact") for r in rows if r.mode != "sparse")
     measured = gx.sparsify(model.float(), masks, policy="measure", example_input=torch.randn(4, 3, 8, 8))
     assert all("measured" in r.decision for r in sparsity_report(measured))
     assert "layers use the sparse kernels" in format_sparsity_report(measured)
@@ -128,23 +130,40 @@ def test_policies_on_cuda(monkeypatch):
     model = model.float().cuda()
     x = torch.randn(8, 3, 8, 8, device="cuda")
     auto = gx.sparsify(model, masks, policy="auto")
-    assert all(r.mode == "dense" and "on CUDA" in r.decision for r in sparsity_report(auto))
+    assert all(r.mode in ("dense", "compact") and "on CUDA" in r.decision for r in sparsity_report(auto))
     measured = gx.sparsify(model, masks, policy="measure", example_input=x)
     assert all("measured" in r.decision for r in sparsity_report(measured))
     model.eval(), measured.eval()
     torch.testing.assert_close(measured(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_torchvision_model():
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_model_trains_like_the_masked_dense_one(arch):
+    """Any torchvision classifier: ResNet18, and MobileNetV3 whose depthwise (grouped) convs fall back to dense.
+    Train-mode forward, backward and gradients match the masked dense model."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).double()
-    masks = gx.prune(model, "magnitude", 0.9)
+    model = getattr(torchvision.models, arch)(num_classes=10).double()
+    masks = gx.prune(model, "magnitude", 0.9, scope="layerwise")  # global would collapse MobileNet's layers
     masks.apply_(model).remove()
-    sparse = gx.sparsify(model, masks, policy="sparse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the grouped convs' one-time fallback warning
+        sparse = gx.sparsify(model, masks, policy="sparse")
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     model.eval(), sparse.eval()
     torch.testing.assert_close(sparse(x), model(x))
+    model.train(), sparse.train()
+    for m in (*model.modules(), *sparse.modules()):
+        if isinstance(m, nn.Dropout):  # its mask follows memory order, which the sparse layout changes
+            m.eval()
+    y, ys = model(x), sparse(x)
+    torch.testing.assert_close(ys, y)
+    ys.square().sum().backward()
+    y.square().sum().backward()
+    for name, layer in sparse.named_modules():
+        if isinstance(layer, (SparseConv2d, SparseLinear)):
+            dense = model.get_submodule(name)
+            torch.testing.assert_close(layer.values.grad, dense.weight.grad[layer.mask()])
 
 
 def test_bad_input():
@@ -163,6 +182,29 @@ def test_bad_input():
     bad["features.0.weight"] = bad["features.0.weight"][:, :2]
     with pytest.raises(ValueError, match="has shape"):
         gx.sparsify(model, bad)
+    with pytest.raises(TypeError, match=r"masks\['features.0.weight'\] must be a bool tensor"):
+        gx.sparsify(model, {**masks, "features.0.weight": masks["features.0.weight"].float()})
+
+
+def test_dense_layer_hands_the_batch_innermost_layout_to_a_sparse_one():
+    """A dense-mode conv followed by a sparse one converts its output once, where it is produced."""
+    model, _ = _pruned(SmallVGG)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    g = torch.Generator().manual_seed(0)
+    masks = {}
+    for i, name in enumerate(convs):  # the first conv dense by the cost model, the others sparse
+        weight = model.get_submodule(name).weight
+        masks[name + ".weight"] = torch.rand(weight.shape, generator=g) < (0.9 if i == 0 else 0.1)
+        with torch.no_grad():
+            weight.mul_(masks[name + ".weight"])
+    sparse = gx.sparsify(model, masks, policy="auto")
+    first, second = (sparse.get_submodule(n) for n in convs[:2])
+    assert (first.mode, second.mode) == ("dense", "sparse")
+    assert first.emit_batch_innermost and not second.emit_batch_innermost
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    assert gx.nn.is_batch_innermost(first(x))
+    model.eval(), sparse.eval()
+    torch.testing.assert_close(sparse(x), model(x))
 
 
 def test_short_training_matches_dense_masked_run():
@@ -204,3 +246,55 @@ def test_sparsified_model_compiles_with_fused_batch_norm():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     for (name, b), c in zip(sparse.named_buffers(), reference.buffers()):  # running statistics, too
         torch.testing.assert_close(b, c, msg=name)
+
+
+def _with_dead_channels(masks, fraction=0.5):
+    """The masks with the first `fraction` of each conv's output channels pruned entirely."""
+    masks = {k: v.clone() for k, v in masks.items()}
+    for mask in masks.values():
+        if mask.dim() == 4:
+            mask[: int(mask.shape[0] * fraction)] = False
+    return masks
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model_cls", [SmallVGG, SmallResNet])
+def test_compact_policy_computes_the_same_and_reports_dead_channels(model_cls, device):
+    model, masks = _pruned(model_cls, sparsity=0.5)
+    masks = _with_dead_channels(masks)
+    model = model.to(device)
+    for name, mask in masks.items():
+        with torch.no_grad():
+            model.get_submodule(name.rsplit(".", 1)[0]).weight.mul_(mask)
+    compact = gx.sparsify(model, masks, policy="compact")
+    auto = gx.sparsify(model, masks, policy="auto")
+    rows = {r.name: r for r in sparsity_report(auto)}
+    for name, layer in compact.named_modules():
+        if isinstance(layer, SparseConv2d):
+            assert layer.mode == "compact"
+            assert layer.dead_channels[0] >= layer.out_channels // 2
+            if rows[name].mode != "sparse":  # dense by density: half the work is dead, so compact
+                assert rows[name].mode == "compact" and "dead output" in rows[name].decision
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64, device=device)
+    for m in (model, compact, auto):
+        m.train()
+    torch.testing.assert_close(compact(x), model(x))
+    torch.testing.assert_close(auto(x), model(x))
+    compact(x).square().sum().backward()
+    model(x).square().sum().backward()
+    for name, layer in compact.named_modules():
+        if isinstance(layer, SparseConv2d):
+            dense = model.get_submodule(name)
+            torch.testing.assert_close(layer.values.grad, dense.weight.grad[layer.mask()])
+            if layer.bias is not None:
+                torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+    assert "dense kernels on their live channels" in format_sparsity_report(auto)
+
+
+def test_measure_times_the_compact_mode_where_channels_are_dead():
+    model, masks = _pruned(SmallVGG, sparsity=0.5)
+    masks = _with_dead_channels(masks)
+    measured = gx.sparsify(model.float(), masks, policy="measure", example_input=torch.randn(4, 3, 8, 8))
+    for r in sparsity_report(measured):
+        if r.kind == "conv":
+            assert "compact" in r.decision and "sparse" in r.decision and "dense" in r.decision

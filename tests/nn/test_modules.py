@@ -144,3 +144,81 @@ def test_pruned_weights_stay_zero_under_sgd_and_adamw():
             layer(torch.randn(2, 6, 5, 5, dtype=torch.float64)).sum().backward()
             opt.step()
         assert not layer.state_dict()["weight"][~mask].any()
+
+
+def _dead_channel_mask(shape, dead_out, dead_in, density=0.5, seed=0):
+    torch.manual_seed(seed)
+    mask = torch.rand(shape) < density
+    mask[list(dead_out)] = False
+    mask[:, list(dead_in)] = False
+    return mask
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"stride": 2, "bias": False}, {"padding_mode": "reflect"}, {"padding": 0}])
+@pytest.mark.parametrize("layout", ["nchw", "batch_innermost"])
+def test_compact_conv_matches_masked_dense(kwargs, layout):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, **{"padding": 1, **kwargs}).double()
+    mask = _dead_channel_mask(conv.weight.shape, dead_out=(0, 3, 7), dead_in=(1, 2))
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    layer = SparseConv2d.from_dense(conv, mask, mode="compact")
+    assert layer.dead_channels == (3, 2)
+    assert layer.compact_mac_fraction == pytest.approx(5 * 4 / (8 * 6))
+    assert layer.compact_weight().shape == (5, 4, 3, 3)
+    x = torch.randn(4, 6, 9, 9, dtype=torch.float64)
+    if layout == "batch_innermost":
+        x = x.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    x.requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y, yr = layer(x), conv(xr)
+    torch.testing.assert_close(y, yr)
+    grad = torch.randn_like(yr)
+    y.backward(grad)
+    yr.backward(grad)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(layer.values.grad, conv.weight.grad[mask])
+    if conv.bias is not None:  # dead outputs are their bias, and get its gradient
+        torch.testing.assert_close(layer.bias.grad, conv.bias.grad)
+
+
+def test_compact_linear_matches_masked_dense_and_gradcheck():
+    torch.manual_seed(2)
+    linear = nn.Linear(10, 7).double()
+    mask = _dead_channel_mask(linear.weight.shape, dead_out=(2, 5), dead_in=(0, 9), density=0.6)
+    with torch.no_grad():
+        linear.weight.mul_(mask)
+    layer = SparseLinear.from_dense(linear, mask, mode="compact")
+    assert layer.dead_channels == (int((~mask.any(1)).sum()), int((~mask.any(0)).sum()))
+    x = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(layer(x), linear(x))
+
+    def run(inp, values, bias):
+        return torch.func.functional_call(layer, {"values": values, "bias": bias}, (inp,))
+
+    params = (layer.values.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_())
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+def test_compact_with_no_kept_weight_is_the_bias():
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    mask = torch.zeros_like(conv.weight, dtype=torch.bool)
+    layer = SparseConv2d.from_dense(conv, mask, mode="compact")
+    assert layer.dead_channels == (4, 3)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv.bias.detach().view(1, 4, 1, 1).expand(2, 4, 5, 5))
+
+
+def test_compact_survives_device_and_state_dict_round_trips():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(5, 6, 1).double()
+    mask = _dead_channel_mask(conv.weight.shape, dead_out=(1,), dead_in=(4,))
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    layer = SparseConv2d.from_dense(conv, mask, mode="compact")
+    clone = SparseConv2d.from_dense(nn.Conv2d(5, 6, 1).double(), mask, mode="compact")
+    clone.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(clone(x), conv(x))
+    assert {n for n, _ in layer.named_buffers()} >= {"live_out", "live_in", "compact_index"}
+    assert set(layer.state_dict()) == {"weight", "bias"}

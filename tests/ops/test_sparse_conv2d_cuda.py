@@ -93,6 +93,57 @@ def test_conv_property_float64(**draw):
         _check_conv_cuda(*problem)
 
 
+def _half_tolerance(dtype, reference):
+    """One rounding of a float32 sum to `dtype`, with room for cancellation against the largest value."""
+    eps = torch.finfo(dtype).eps
+    return {"rtol": 2 * eps, "atol": 2 * eps * float(reference.abs().max())}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_conv_half_precision_accumulates_in_float32(case, dtype):
+    """float16/bfloat16 inputs: the products equal the float64 ones of the same (rounded) inputs up to one
+    rounding of the result, which a float16 accumulator would not reach on the longer sums."""
+    n, cin, cout, h, w, k, stride, padding, density = case
+    x, weight, b, mask = _case(n, cin, cout, h, w, k, density, torch.float64, seed=hash(case) % 1000)
+    x, weight, b = (t.to(dtype) for t in (x, weight, b))
+    pattern = SparsePattern.from_mask(mask).to("cuda")
+    values = pattern.gather(weight.cuda()).requires_grad_()
+    xs, bs = _leaf(x, "cuda"), _leaf(b, "cuda")
+    y = ops.sparse_conv2d(xs, values, pattern, bs, stride, padding)
+    assert y.dtype == dtype
+    xr, wr, br = (_leaf(t.double(), "cpu") for t in (x, weight, b))
+    yr = F.conv2d(xr, wr * mask, br, stride, padding)
+    torch.testing.assert_close(y.cpu().double(), yr, **_half_tolerance(dtype, yr))
+    grad = torch.randn(yr.shape, dtype=torch.float64).to(dtype)
+    gx_, gv, gb = torch.autograd.grad(y, (xs, values, bs), grad.cuda())
+    rx, rw, rb = torch.autograd.grad(yr, (xr, wr, br), grad.double())
+    assert gx_.dtype == gv.dtype == dtype
+    torch.testing.assert_close(gx_.cpu().double(), rx, **_half_tolerance(dtype, rx))
+    rv = SparsePattern.from_mask(mask).gather(rw)
+    torch.testing.assert_close(gv.cpu().double(), rv, **_half_tolerance(dtype, rv))
+    torch.testing.assert_close(gb.cpu().double(), rb, **_half_tolerance(dtype, rb))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_computes_in_its_dtype_with_float32_weight_gradients(dtype):
+    x, weight, b, mask = _case(8, 16, 24, 10, 10, 3, 0.2, torch.float32, seed=5)
+    pattern = SparsePattern.from_mask(mask).to("cuda")
+    values = pattern.gather(weight.cuda()).requires_grad_()
+    xs, bs = _leaf(x, "cuda"), _leaf(b, "cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        y = ops.sparse_conv2d(xs, values, pattern, bs, 1, 1)
+        lin = ops.sparse_linear(xs.flatten(1)[:, :16].contiguous(), values[:0], SparsePattern.from_mask(
+            torch.zeros(4, 16, dtype=torch.bool)).to("cuda"))
+        y64 = ops.sparse_conv2d(xs.double(), values.double(), pattern, bs.double(), 1, 1)
+    assert y.dtype == lin.dtype == dtype
+    assert y64.dtype == torch.float64  # autocast leaves float64 alone
+    y.float().square().sum().backward()
+    assert values.grad.dtype == bs.grad.dtype == xs.grad.dtype == torch.float32
+    reference = ops.sparse_conv2d(xs.detach(), values.detach(), pattern, bs.detach(), 1, 1)
+    torch.testing.assert_close(y.float(), reference, **_half_tolerance(dtype, reference))
+
+
 def test_bad_index_raises():
     x, weight, b, mask = _case(2, 3, 4, 5, 5, 3, 0.5, torch.float32, seed=0)
     pattern = SparsePattern.from_mask(mask).to("cuda")
