@@ -259,6 +259,6 @@ def format_sparsity_report(model: nn.Module) -> str:
         lines.append(f"{r.name:<{width}}  {str(r.weight_shape):<20} {r.density:>8.4f}  {r.decision}")
     n_sparse = sum(r.mode == "sparse" for r in rows)
     n_compact = sum(r.mode == "compact" for r in rows)
-    lines.append(f"{n_sparse} of {len(rows)} layers use the sparse kernels"
-                 + (f", {n_compact} dense kernels on their live channels" if n_compact else ""))
+    compact = f", {n_compact} {'runs' if n_compact == 1 else 'run'} dense kernels on the live channels only"
+    lines.append(f"{n_sparse} of {len(rows)} layers use the sparse kernels" + (compact if n_compact else ""))
     return "\n".join(lines)
