@@ -188,7 +188,9 @@ class _SparseLayer(nn.Module):
             return False
         dtype = x.dtype
         if dtype in _HALF_DTYPES and torch.is_autocast_enabled(x.device.type):
-            dtype = self.values.dtype  # the ops cast under autocast (CPU: to float32; CUDA: to autocast's dtype)
+            # The ops cast under autocast: on the CPU both to float32, on CUDA float32 weights to autocast's dtype.
+            if x.device.type == "cpu" or self.values.dtype == torch.float32:
+                dtype = self.values.dtype
         kernel_dtypes = _KERNEL_DTYPES + (_HALF_DTYPES if x.device.type == "cuda" else ())
         if dtype not in kernel_dtypes or dtype != self.values.dtype:
             _warn_once(f"dtype-{x.dtype}", f"graspext's sparse kernels take {', '.join(map(str, kernel_dtypes))} "
@@ -308,7 +310,7 @@ class SparseConv2d(_SparseLayer):
         def conv(inp, weight, bias):
             return F.conv2d(inp, weight, bias, self.stride, padding, self.dilation, self.groups)
 
-        if self._mode == "compact" and self.nnz > 0:
+        if self._mode == "compact" and self.nnz > 0 and self.groups == 1:  # groups tie channels together
             y = self._compact_call(x, 1, conv)
         else:
             y = conv(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
