@@ -49,8 +49,17 @@ def test_unsupported_conv_falls_back_to_dense_with_a_warning(config):
     with pytest.warns(UserWarning, match="do not support"):
         layer = SparseConv2d.from_dense(conv, mask)
     assert layer.mode == "dense" and "do not support" in layer.decision
-    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), conv(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per configuration, not once per layer
+        SparseConv2d.from_dense(conv, mask)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = layer(x), conv(xr)
+    torch.testing.assert_close(y, yr)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(layer.values.grad, conv.weight.grad[mask])
 
 
 def test_linear_matches_masked_dense_with_leading_dims():

@@ -1,5 +1,7 @@
 """The sparse convolution and linear ops against F.conv2d / F.linear on the masked dense weight."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,6 +182,57 @@ def test_conv_property_float64(**draw):
     problem = conv_problem(**draw)
     if problem is not None:
         _check_conv(*problem, F64)
+
+
+@contextlib.contextmanager
+def _using_isa(name):
+    previous = ops.cpu_isa()
+    ops.cpu_isa(name)
+    try:
+        yield
+    finally:
+        ops.cpu_isa(previous)
+
+
+@hypothesis_settings(60)
+@given(isa_name=st.sampled_from(SUPPORTED), dtype=st.sampled_from([torch.float32, torch.float64]), **CONV_PROBLEMS)
+def test_conv_property_every_isa(isa_name, dtype, **draw):
+    """The property test on every code path this CPU runs (AVX-512, AVX2, baseline), in float32 and float64."""
+    problem = conv_problem(**draw)
+    if problem is None:
+        return
+    x, weight, b, mask, stride, padding = problem
+    x, weight = x.to(dtype), weight.to(dtype)
+    b = b.to(dtype) if b is not None else None
+    with _using_isa(isa_name):
+        _check_conv(x, weight, b, mask, stride, padding, F64 if dtype == torch.float64 else F32)
+
+
+@pytest.mark.parametrize("pruned", ["empty", "dense", "rows", "columns"])
+def test_linear_degenerate_masks(isa, pruned):
+    """Linear with nothing kept, everything kept, output rows pruned entirely and input columns no weight reads."""
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(9, 20, generator=g) < 0.5
+    mask = {"empty": torch.zeros_like(mask), "dense": torch.ones_like(mask)}.get(pruned, mask)
+    if pruned == "rows":
+        mask[[0, 4, 8]] = False
+    elif pruned == "columns":
+        mask[:, [1, 2, 19]] = False
+    weight = torch.randn(9, 20, generator=g, dtype=torch.float64) * mask
+    x = torch.randn(33, 20, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
+    pattern = SparsePattern.from_mask(mask)
+    values = pattern.gather(weight).requires_grad_()
+    y = ops.sparse_linear(x, values, pattern, b)
+    wr = weight.clone().requires_grad_()
+    yr = F.linear(x, wr * mask, b)
+    torch.testing.assert_close(y, yr, **F64)
+    grad = torch.randn(yr.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(y, [x, values, b], grad)
+    want = torch.autograd.grad(yr, [x, wr, b], grad)
+    torch.testing.assert_close(got[0], want[0], **F64)
+    torch.testing.assert_close(got[1], pattern.gather(want[1]), **F64)
+    torch.testing.assert_close(got[2], want[2], **F64)
 
 
 @hypothesis_settings(40)
