@@ -151,21 +151,23 @@ class _SparseLayer(nn.Module):
 
     def _compact_call(self, x: Tensor, dim: int, dense_fn) -> Tensor:
         """``dense_fn(x, weight, bias)`` on the live channels; ``dim`` is the channel dimension of x and the result."""
-        if x.shape[dim] != self.live_in.numel():
+        n_out, n_in = self._dense_shape()[:2]
+        if x.shape[dim] != n_in:
+            raise ValueError(f"input has {x.shape[dim]} channels in dimension {dim}, expected {n_in}")
+        if self.live_in.numel() != n_in:
             x = x.index_select(dim, self.live_in)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = dense_fn(x, self.compact_weight().to(x.dtype), None if bias is None else bias[self.live_out])
-        n_out = self._dense_shape()[0]
         if self.live_out.numel() == n_out:
             return y
         shape = list(y.shape)
         shape[dim] = n_out
         if bias is None:
             full = y.new_zeros(shape)
-        else:  # dead outputs are their bias
+        else:  # dead outputs are their bias, in y's dtype (under autocast the product's, not the input's)
             view = [1] * len(shape)
             view[dim] = n_out
-            full = bias.view(view).expand(shape)
+            full = bias.to(y.dtype).view(view).expand(shape)
         return full.index_copy(dim % len(shape), self.live_out, y)
 
     def mask(self) -> Tensor:
@@ -187,10 +189,9 @@ class _SparseLayer(nn.Module):
                        "sparse layers compute densely there (same results)")
             return False
         dtype = x.dtype
-        if dtype in _HALF_DTYPES and torch.is_autocast_enabled(x.device.type):
-            # The ops cast under autocast: on the CPU both to float32, on CUDA float32 weights to autocast's dtype.
-            if x.device.type == "cpu" or self.values.dtype == torch.float32:
-                dtype = self.values.dtype
+        if dtype in _HALF_DTYPES and torch.is_autocast_enabled(x.device.type) and self.values.dtype == torch.float32:
+            # The ops cast under autocast (CPU: both to float32; CUDA: to autocast's dtype); float64 is never cast.
+            dtype = self.values.dtype
         kernel_dtypes = _KERNEL_DTYPES + (_HALF_DTYPES if x.device.type == "cuda" else ())
         if dtype not in kernel_dtypes or dtype != self.values.dtype:
             _warn_once(f"dtype-{x.dtype}", f"graspext's sparse kernels take {', '.join(map(str, kernel_dtypes))} "
@@ -262,7 +263,7 @@ class SparseConv2d(_SparseLayer):
         self.padding = tuple(padding)
         pattern = SparsePattern.from_mask(mask.reshape(self._pattern_shape()).to(torch.bool))
         self._init_sparse(pattern, weight, bias, mode)
-        if not self.kernel_supported:
+        if not self.kernel_supported and not (mode == "compact" and groups == 1):  # compact is dense torch
             self.mode = "dense"
             self.decision = f"dense (the kernels do not support {self._unsupported_reason()})"
             _warn_once(f"conv-{self._unsupported_reason()}",

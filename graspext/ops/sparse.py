@@ -33,8 +33,9 @@ def _pair(value, name: str) -> tuple[int, int]:
 def _check_values(input: Tensor, values: Tensor, pattern) -> None:
     if values.shape != (pattern.nnz,):
         raise ValueError(f"values must have shape ({pattern.nnz},) (one per kept weight), got {tuple(values.shape)}")
-    # Under autocast the op casts input and values to one dtype (CPU: registered below; CUDA: in C++).
-    autocast = input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type)
+    # Under autocast the op casts float32 input and values to one dtype (CPU: registered below; CUDA: in C++).
+    autocast = (input.dtype in (torch.float16, torch.bfloat16) and values.dtype == torch.float32
+                and torch.is_autocast_enabled(input.device.type))
     if values.dtype != input.dtype and not autocast:
         raise TypeError(f"values has dtype {values.dtype} but input has {input.dtype}")
 

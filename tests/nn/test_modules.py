@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graspext.nn import SparseConv2d, SparseLinear
+from tests.conftest import DEVICES
 
 
 def _masked_conv(seed=0, density=0.3, **kwargs):
@@ -172,6 +173,7 @@ def test_compact_conv_matches_masked_dense(kwargs, layout):
     with torch.no_grad():
         conv.weight.mul_(mask)
     layer = SparseConv2d.from_dense(conv, mask, mode="compact")
+    assert layer.mode == "compact"  # also with a padding mode the sparse kernels lack: compact is dense torch
     assert layer.dead_channels == (3, 2)
     assert layer.compact_mac_fraction == pytest.approx(5 * 4 / (8 * 6))
     assert layer.compact_weight().shape == (5, 4, 3, 3)
@@ -209,7 +211,7 @@ def test_compact_linear_matches_masked_dense_and_gradcheck():
     assert torch.autograd.gradcheck(run, (x, *params))
 
 
-def test_compact_with_no_kept_weight_is_the_bias():
+def test_compact_layer_with_no_kept_weight_outputs_its_bias():
     conv = nn.Conv2d(3, 4, 3, padding=1).double()
     mask = torch.zeros_like(conv.weight, dtype=torch.bool)
     layer = SparseConv2d.from_dense(conv, mask, mode="compact")
@@ -231,3 +233,41 @@ def test_compact_survives_device_and_state_dict_round_trips():
     torch.testing.assert_close(clone(x), conv(x))
     assert {n for n, _ in layer.named_buffers()} >= {"live_out", "live_in", "compact_index"}
     assert set(layer.state_dict()) == {"weight", "bias"}
+    moved = layer.to("meta")
+    assert all(b.device.type == "meta" for b in moved.buffers())
+    with pytest.raises(ValueError, match="input has 4 channels in dimension 1, expected 5"):
+        clone(torch.randn(2, 4, 4, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compact_under_autocast_has_the_dtype_of_dense_mode(device):
+    """Dead outputs (their bias) take the product's dtype, so compact and dense mode agree under autocast."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(6, 8, 3, padding=1).to(device)
+    mask = _dead_channel_mask(conv.weight.shape, dead_out=(0, 5), dead_in=(3,)).to(device)
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    x = torch.randn(4, 6, 7, 7, device=device)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    outputs = {}
+    for mode in ("dense", "compact"):
+        layer = SparseConv2d.from_dense(conv, mask, mode=mode)
+        with torch.autocast(device, dtype=dtype):
+            outputs[mode] = layer(x)
+        outputs[mode].float().sum().backward()
+        assert layer.values.grad.dtype == torch.float32
+    assert outputs["compact"].dtype == outputs["dense"].dtype == dtype
+    torch.testing.assert_close(outputs["compact"].float(), outputs["dense"].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_float64_layer_under_autocast_computes_densely_in_float64():
+    """Autocast never casts float64; the kernels then see mismatched dtypes, so the layer runs dense torch."""
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    layer = SparseConv2d.from_dense(conv, torch.rand_like(conv.weight) < 0.5)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-time "computing densely" warning
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    assert y.dtype == torch.bfloat16

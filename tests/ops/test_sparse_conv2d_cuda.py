@@ -131,17 +131,26 @@ def test_autocast_computes_in_its_dtype_with_float32_weight_gradients(dtype):
     pattern = SparsePattern.from_mask(mask).to("cuda")
     values = pattern.gather(weight.cuda()).requires_grad_()
     xs, bs = _leaf(x, "cuda"), _leaf(b, "cuda")
+    g = torch.Generator().manual_seed(6)
+    lin_mask = torch.rand(12, 40, generator=g) < 0.3
+    lin_pattern = SparsePattern.from_mask(lin_mask).to("cuda")
+    lin_values = torch.randn(lin_pattern.nnz, generator=g).cuda().requires_grad_()
+    lin_x = torch.randn(20, 40, generator=g).cuda().requires_grad_()
     with torch.autocast("cuda", dtype=dtype):
         y = ops.sparse_conv2d(xs, values, pattern, bs, 1, 1)
-        lin = ops.sparse_linear(xs.flatten(1)[:, :16].contiguous(), values[:0], SparsePattern.from_mask(
-            torch.zeros(4, 16, dtype=torch.bool)).to("cuda"))
+        lin = ops.sparse_linear(lin_x, lin_values, lin_pattern)
         y64 = ops.sparse_conv2d(xs.double(), values.double(), pattern, bs.double(), 1, 1)
     assert y.dtype == lin.dtype == dtype
     assert y64.dtype == torch.float64  # autocast leaves float64 alone
-    y.float().square().sum().backward()
-    assert values.grad.dtype == bs.grad.dtype == xs.grad.dtype == torch.float32
-    reference = ops.sparse_conv2d(xs.detach(), values.detach(), pattern, bs.detach(), 1, 1)
+    (y.float().square().sum() + lin.float().square().sum()).backward()
+    for t in (values, bs, xs, lin_values, lin_x):
+        assert t.grad.dtype == torch.float32
+    # Against float32 products of the same inputs rounded to `dtype`: one more rounding, of the result.
+    rounded = [t.detach().to(dtype).float() for t in (xs, values, bs, lin_x, lin_values)]
+    reference = ops.sparse_conv2d(rounded[0], rounded[1], pattern, rounded[2], 1, 1)
     torch.testing.assert_close(y.float(), reference, **_half_tolerance(dtype, reference))
+    lin_reference = ops.sparse_linear(rounded[3], rounded[4], lin_pattern)
+    torch.testing.assert_close(lin.float(), lin_reference, **_half_tolerance(dtype, lin_reference))
 
 
 def test_bad_index_raises():
