@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from graspext.nn.layout import from_layout_module, fuse_batch_norm_relu, to_layout_module
-from graspext.nn.modules import SparseConv2d, SparseLinear
+from graspext.nn.modules import SparseConv2d, SparseLinear, _cuda_kernels_enabled
 
 POLICIES = ("auto", "sparse", "dense", "compact", "measure")
 
@@ -80,8 +80,6 @@ def _median_ms(fn: Callable[[], None], device: torch.device, repeats: int = 3) -
 
 def _candidate_modes(layer: nn.Module) -> list[str]:
     """The modes worth timing: sparse where the kernels run on the layer's device, compact with dead channels."""
-    from graspext.nn.modules import _cuda_kernels_enabled
-
     device = layer.values.device.type
     modes = ["sparse"] if device == "cpu" or (device == "cuda" and _cuda_kernels_enabled()) else []
     modes.append("dense")

@@ -22,6 +22,7 @@ The result is the same in every mode.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -62,13 +63,6 @@ def _dense_layer_mask(layer: nn.Module, cls: type, name: str, mask: Tensor | Non
     if tuple(mask.shape) != tuple(layer.weight.shape):
         raise ValueError(f"mask has shape {tuple(mask.shape)} but the weight has {tuple(layer.weight.shape)}")
     return mask
-
-
-def _prod(sizes) -> int:
-    n = 1
-    for s in sizes:
-        n *= s
-    return n
 
 
 def _compaction(pattern: SparsePattern) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,7 +140,7 @@ class _SparseLayer(nn.Module):
     def compact_weight(self) -> Tensor:
         """The dense weight of the live channels only, ``[live outputs, live inputs, ...]`` (differentiable)."""
         shape = (self.live_out.numel(), self.live_in.numel(), *self._dense_shape()[2:])
-        flat = self.values.new_zeros(self.live_out.numel() * self.live_in.numel() * _prod(shape[2:]))
+        flat = self.values.new_zeros(self.live_out.numel() * self.live_in.numel() * math.prod(shape[2:]))
         return flat.index_put((self.compact_index,), self.values).view(shape)
 
     def _compact_call(self, x: Tensor, dim: int, dense_fn) -> Tensor:

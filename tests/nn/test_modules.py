@@ -20,19 +20,27 @@ def _masked_conv(seed=0, density=0.3, **kwargs):
     return conv, mask
 
 
+def _check_against_masked_dense(layer, dense, mask, x):
+    """Output, input gradient and the kept weights' (and bias) gradients of `layer` equal the masked dense layer's."""
+    x = x.requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y, yr = layer(x), dense(xr)
+    torch.testing.assert_close(y, yr)
+    grad = torch.randn_like(yr)
+    y.backward(grad)
+    yr.backward(grad)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(layer.values.grad, dense.weight.grad[mask])
+    if dense.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+
+
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 @pytest.mark.parametrize("kwargs", [{}, {"stride": 2, "bias": False}, {"padding": "same"}, {"padding": "valid"}])
 def test_conv_matches_masked_dense(mode, kwargs):
     conv, mask = _masked_conv(**kwargs)
     layer = SparseConv2d.from_dense(conv, mask, mode=mode)
-    x = torch.randn(5, 6, 9, 9, dtype=torch.float64, requires_grad=True)
-    xr = x.detach().clone().requires_grad_()
-    y, yr = layer(x), conv(xr)
-    torch.testing.assert_close(y, yr)
-    y.square().sum().backward()
-    yr.square().sum().backward()
-    torch.testing.assert_close(x.grad, xr.grad)
-    torch.testing.assert_close(layer.values.grad, conv.weight.grad[mask])
+    _check_against_masked_dense(layer, conv, mask, torch.randn(5, 6, 9, 9, dtype=torch.float64))
     assert layer.values.numel() == int(mask.sum())
     assert [n for n, _ in layer.named_parameters()] == ["values"] + (["bias"] if conv.bias is not None else [])
 
@@ -53,14 +61,7 @@ def test_unsupported_conv_falls_back_to_dense_with_a_warning(config):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per configuration, not once per layer
         SparseConv2d.from_dense(conv, mask)
-    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
-    xr = x.detach().clone().requires_grad_()
-    y, yr = layer(x), conv(xr)
-    torch.testing.assert_close(y, yr)
-    y.square().sum().backward()
-    yr.square().sum().backward()
-    torch.testing.assert_close(x.grad, xr.grad)
-    torch.testing.assert_close(layer.values.grad, conv.weight.grad[mask])
+    _check_against_masked_dense(layer, conv, mask, torch.randn(2, 4, 7, 7, dtype=torch.float64))
 
 
 def test_linear_matches_masked_dense_with_leading_dims():
@@ -180,17 +181,7 @@ def test_compact_conv_matches_masked_dense(kwargs, layout):
     x = torch.randn(4, 6, 9, 9, dtype=torch.float64)
     if layout == "batch_innermost":
         x = x.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
-    x.requires_grad_()
-    xr = x.detach().clone().requires_grad_()
-    y, yr = layer(x), conv(xr)
-    torch.testing.assert_close(y, yr)
-    grad = torch.randn_like(yr)
-    y.backward(grad)
-    yr.backward(grad)
-    torch.testing.assert_close(x.grad, xr.grad)
-    torch.testing.assert_close(layer.values.grad, conv.weight.grad[mask])
-    if conv.bias is not None:  # dead outputs are their bias, and get its gradient
-        torch.testing.assert_close(layer.bias.grad, conv.bias.grad)
+    _check_against_masked_dense(layer, conv, mask, x)  # dead outputs are their bias, and get its gradient
 
 
 def test_compact_linear_matches_masked_dense_and_gradcheck():

@@ -208,6 +208,23 @@ def test_conv_property_every_isa(isa_name, dtype, **draw):
         _check_conv(x, weight, b, mask, stride, padding, F64 if dtype == torch.float64 else F32)
 
 
+def _check_linear(x, weight, b, mask, grad):
+    """ops.sparse_linear against F.linear on the masked weight: output, and input, value and bias gradients."""
+    pattern = SparsePattern.from_mask(mask)
+    values = pattern.gather(weight).requires_grad_()
+    y = ops.sparse_linear(x, values, pattern, b)
+    wr = weight.clone().requires_grad_()
+    yr = F.linear(x, wr * mask, b)
+    torch.testing.assert_close(y, yr, **F64)
+    bias = [b] if b is not None else []
+    got = torch.autograd.grad(y, [x, values, *bias], grad)
+    want = torch.autograd.grad(yr, [x, wr, *bias], grad)
+    torch.testing.assert_close(got[0], want[0], **F64)
+    torch.testing.assert_close(got[1], pattern.gather(want[1]), **F64)
+    if b is not None:
+        torch.testing.assert_close(got[2], want[2], **F64)
+
+
 @pytest.mark.parametrize("pruned", ["empty", "dense", "rows", "columns"])
 def test_linear_degenerate_masks(isa, pruned):
     """Linear with nothing kept, everything kept, output rows pruned entirely and input columns no weight reads."""
@@ -221,18 +238,7 @@ def test_linear_degenerate_masks(isa, pruned):
     weight = torch.randn(9, 20, generator=g, dtype=torch.float64) * mask
     x = torch.randn(33, 20, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
-    pattern = SparsePattern.from_mask(mask)
-    values = pattern.gather(weight).requires_grad_()
-    y = ops.sparse_linear(x, values, pattern, b)
-    wr = weight.clone().requires_grad_()
-    yr = F.linear(x, wr * mask, b)
-    torch.testing.assert_close(y, yr, **F64)
-    grad = torch.randn(yr.shape, generator=g, dtype=torch.float64)
-    got = torch.autograd.grad(y, [x, values, b], grad)
-    want = torch.autograd.grad(yr, [x, wr, b], grad)
-    torch.testing.assert_close(got[0], want[0], **F64)
-    torch.testing.assert_close(got[1], pattern.gather(want[1]), **F64)
-    torch.testing.assert_close(got[2], want[2], **F64)
+    _check_linear(x, weight, b, mask, torch.randn(33, 9, generator=g, dtype=torch.float64))
 
 
 @hypothesis_settings(40)
@@ -244,20 +250,7 @@ def test_linear_property_float64(n, fin, fout, density, bias, seed):
     weight = torch.randn(fout, fin, generator=g, dtype=torch.float64) * mask
     x = torch.randn(n, fin, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(fout, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
-    pattern = SparsePattern.from_mask(mask)
-    values = pattern.gather(weight).requires_grad_()
-    y = ops.sparse_linear(x, values, pattern, b)
-    wr = weight.clone().requires_grad_()
-    yr = F.linear(x, wr * mask, b)
-    torch.testing.assert_close(y, yr, **F64)
-    grad = torch.randn_like(yr)
-    inputs = [x, values] + ([b] if bias else [])
-    got = torch.autograd.grad(y, inputs, grad)
-    want = torch.autograd.grad(yr, [x, wr] + ([b] if bias else []), grad)
-    torch.testing.assert_close(got[0], want[0], **F64)
-    torch.testing.assert_close(got[1], pattern.gather(want[1]), **F64)
-    if bias:
-        torch.testing.assert_close(got[2], want[2], **F64)
+    _check_linear(x, weight, b, mask, torch.randn(n, fout, dtype=torch.float64))
 
 
 def test_linear_output_allows_in_place_ops():
