@@ -1,12 +1,14 @@
 """One table of side-by-side ratios, measured in one run on this machine.
 
-    python benchmarks/ratios.py [--quick] [--repeats N] [--skip-grasp] [--sparse]
+    python benchmarks/ratios.py [--quick] [--repeats N] [--skip-grasp] [--sparse] [--bf16]
 
 Selection: median seconds of graspext.ops.global_kth_value vs torch.kthvalue(torch.cat(...)).
 GraSP scoring: median seconds (in-process, repeated) and peak memory added by the call (fresh process per
 measurement; see workloads.py), official loop vs each engine, with the masks compared to the official ones.
 Sparse training (--sparse; see sparse_workloads.py): median forward+backward milliseconds per layer, dense
 torch against graspext's sparse kernels (and torch.sparse CSR for Linear), and the end-to-end train step.
+bfloat16 (--bf16): the train step against dense float32, dense bfloat16 autocast with channels_last, graspext
+in float32 and bfloat16, and SparseProp.
 """
 
 from __future__ import annotations
@@ -129,14 +131,50 @@ def sparse_tables(repeats: int, quick: bool) -> None:
         print(f"| {model_name} | {dense_ms:.0f} | " + " | ".join(cells) + " |", flush=True)
 
 
+def bf16_step_table(repeats: int, quick: bool) -> None:
+    """The train step against every configuration a CPU user would pick instead, side by side in one run:
+    dense float32, dense bfloat16 autocast with channels_last (oneDNN/AMX), graspext in float32 and under
+    bfloat16 autocast, and SparseProp (PyPI ``sparseprop``) on the same masked model."""
+    from sparse_workloads import StepCase
+
+    try:
+        import sparseprop  # noqa: F401
+        has_sparseprop = True
+    except ImportError:
+        has_sparseprop = False
+    rows = [("vgg19_bn", 0.98), ("resnet32_grasp", 0.98)] if quick else [
+        ("vgg19_bn", 0.90), ("vgg19_bn", 0.95), ("vgg19_bn", 0.98), ("resnet32_grasp", 0.98)]
+    ms = lambda fn: 1e3 * median_seconds(fn, repeats)  # noqa: E731
+    print("\n| model @ sparsity, batch 128 train step, ms | dense fp32 | dense bf16 autocast, channels_last | "
+          "graspext fp32 | graspext bf16 autocast | SparseProp | graspext bf16 vs best dense | vs SparseProp |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    dense = {}
+    for model_name, sparsity in rows:
+        if model_name not in dense:
+            dense[model_name] = (ms(StepCase(model_name, None).step),
+                                 ms(StepCase(model_name, None, amp=True, channels_last=True).step))
+        fp32_ms, bf16_ms = dense[model_name]
+        ours32 = ms(StepCase(model_name, sparsity).step)
+        ours16 = ms(StepCase(model_name, sparsity, amp=True).step)
+        peer = ms(StepCase(model_name, sparsity, library="sparseprop").step) if has_sparseprop else float("nan")
+        best = min(fp32_ms, bf16_ms)
+        print(f"| {model_name} @ {sparsity:.0%} | {fp32_ms:.0f} | {bf16_ms:.0f} | {ours32:.0f} | {ours16:.0f} | "
+              f"{peer:.0f} | {best / ours16:.2f}x | {peer / min(ours16, ours32):.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-grasp", action="store_true")
     parser.add_argument("--sparse", action="store_true", help="only the sparse-training tables")
+    parser.add_argument("--bf16", action="store_true",
+                        help="only the train-step table against dense bfloat16 (AMX) and SparseProp")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
+    if args.bf16:
+        bf16_step_table(args.repeats, args.quick)
+        return
     if args.sparse:
         sparse_tables(args.repeats, args.quick)
         return

@@ -174,25 +174,56 @@ class BatchNormCase:
         self.fused_modules(self.x_fused).backward(self.grad_fused)
 
 
-class StepCase:
-    """One training step (forward, backward, SGD with momentum) of a model at CIFAR shapes, batch BATCH."""
+def _sparseprop_model(net: torch.nn.Module, masks: gx.Masks, input_shape) -> torch.nn.Module:
+    """The masked model with SparseProp's sparse modules swapped in where SparseProp measures them faster."""
+    import contextlib
+    import io
 
-    def __init__(self, model_name: str, sparsity: float | None, device: str = "cpu", policy: str = "auto"):
+    from sparseprop.utils import swap_modules_with_sparse
+
+    with torch.no_grad():
+        for name, mask in masks.items():
+            net.get_submodule(name.rpartition(".")[0]).weight.mul_(mask)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints one line per layer
+        return swap_modules_with_sparse(net, tuple(input_shape), inplace=True)
+
+
+class StepCase:
+    """One training step (forward, backward, SGD with momentum) of a model at CIFAR shapes, batch BATCH.
+
+    ``sparsity=None`` is the dense model. ``amp`` runs the forward under ``torch.autocast(device, bfloat16)``
+    (float32 master weights), ``channels_last`` stores the dense model's weights and input channels-last
+    (oneDNN's fastest bfloat16 layout, AMX on CPUs that have it). ``library="sparseprop"`` trains the masked
+    model after SparseProp's own ``swap_modules_with_sparse`` (float32; it keeps the layers it finds no faster
+    dense), the peer CPU library.
+    """
+
+    def __init__(self, model_name: str, sparsity: float | None, device: str = "cpu", policy: str = "auto",
+                 amp: bool = False, channels_last: bool = False, library: str = "graspext"):
         import copy
 
         g = torch.Generator().manual_seed(3)
         self.x = torch.randn(BATCH, 3, 32, 32, generator=g).to(device)
         self.y = torch.randint(0, 10, (BATCH,), generator=g).to(device)
+        self.device, self.amp = device, amp
         net = copy.deepcopy(model(model_name)).train().to(device)
-        if sparsity is not None:
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        if sparsity is not None and library == "sparseprop":
+            net = _sparseprop_model(net, grasp_masks(model_name, sparsity), self.x.shape)
+        elif sparsity is not None:
             net = gx.sparsify(net, grasp_masks(model_name, sparsity), policy=policy,
-                              example_input=self.x if policy == "measure" else None)
+                              example_input=self.x if policy == "measure" else None,
+                              dtype=torch.bfloat16 if amp else None)
         self.model = net
         self.opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(self.x), self.y).backward()
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(self.x)
+        F.cross_entropy(logits.float(), self.y).backward()
         self.opt.step()
 
     def graphed_step(self):

@@ -166,22 +166,31 @@ void check_sparse_index(const at::Tensor& ptr, const at::Tensor& taps, const at:
   }
 }
 
+namespace {
+// bfloat16 images on the CPU multiply in float32: their weights and bias may be float32 (autocast's master
+// weights, read without a cast) or bfloat16. Otherwise the weights' dtype is the image's.
+bool weight_dtype_fits(at::ScalarType weight, const at::Tensor& image) {
+  return weight == image.scalar_type() ||
+         (image.scalar_type() == at::kBFloat16 && image.is_cpu() && weight == at::kFloat);
+}
+}  // namespace
+
 void check_values(const at::Tensor& values, const at::Tensor& like, const char* like_name) {
   TORCH_CHECK(values.dim() == 1, "values must be a 1-D tensor of the kept weights, got shape ", values.sizes());
-  TORCH_CHECK(values.scalar_type() == like.scalar_type(), "values has dtype ", values.scalar_type(), " but ",
-              like_name, " has ", like.scalar_type(), "; they must match");
+  TORCH_CHECK(weight_dtype_fits(values.scalar_type(), like), "values has dtype ", values.scalar_type(), " but ",
+              like_name, " has ", like.scalar_type(), "; they must match",
+              like.is_cpu() && like.scalar_type() == at::kBFloat16 ? " (or values be float32)" : "");
   TORCH_CHECK(values.device() == like.device(), "values is on ", values.device(), " but ", like_name, " is on ",
               like.device());
 }
 
 void check_image(const at::Tensor& t, const char* name, c10::DeviceType device) {
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
-  // Half precision on CUDA only (float32 accumulation; the CPU kernels have no half-precision path).
+  // Reduced precision accumulates in float32: bfloat16 on both backends, float16 on CUDA only.
   const auto dtype = t.scalar_type();
-  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || (half && device == c10::DeviceType::CUDA), name,
-              " must be float32 or float64", device == c10::DeviceType::CUDA ? " (or float16/bfloat16)" : "",
-              ", got ", dtype);
+  const bool cuda = device == c10::DeviceType::CUDA;
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || (dtype == at::kHalf && cuda),
+              name, " must be float32, float64 or bfloat16", cuda ? " (or float16)" : "", ", got ", dtype);
   TORCH_CHECK(t.device().type() == device, name, " must be a ", c10::DeviceTypeName(device),
               " tensor here, got ", t.device());
 }
@@ -206,8 +215,8 @@ ConvGeometry check_forward_args(const at::Tensor& input, const at::Tensor& value
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == g.out_channels, "bias must have shape [", g.out_channels,
                 "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias has dtype ", bias->scalar_type(),
-                " but input has ", input.scalar_type());
+    TORCH_CHECK(weight_dtype_fits(bias->scalar_type(), input), "bias has dtype ", bias->scalar_type(),
+                " but input has ", input.scalar_type(), "; they must match");
     TORCH_CHECK(bias->device() == input.device(), "bias is on ", bias->device(), " but input is on ",
                 input.device());
   }

@@ -27,6 +27,26 @@ POLICIES = ("auto", "sparse", "dense", "compact", "measure")
 # layer on VGG19/ResNet32-CIFAR shapes at batch 128 and Linear 4096x4096 at batch 256 on a 2-core AVX-512
 # CPU (benchmarks/RESULTS.md): sparse time grows about linearly with density, dense time is flat.
 BREAK_EVEN_DENSITY = {"conv": 0.25, "linear": 0.08}
+# The same under CPU bfloat16 autocast, where the sparse kernels read bfloat16 activations and dense
+# oneDNN runs bfloat16 too: with AMX tiles (a CPU reporting amx_bf16) dense gains more than the kernels do.
+BREAK_EVEN_DENSITY_BF16 = {"amx": {"conv": 0.2, "linear": 0.08}, "avx512": {"conv": 0.25, "linear": 0.08}}
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bfloat16 tiles (which oneDNN uses for dense bfloat16 layers)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def break_even_density(kind: str, dtype: torch.dtype | None) -> tuple[float, str]:
+    """The cost model's break-even density for a layer kind computing in ``dtype``, and what it assumed."""
+    if dtype == torch.bfloat16:
+        isa = "amx" if cpu_has_amx() else "avx512"
+        return BREAK_EVEN_DENSITY_BF16[isa][kind], f"bfloat16, {'AMX' if isa == 'amx' else 'no AMX'}"
+    return BREAK_EVEN_DENSITY[kind], "float32"
 # The cost model runs a dense layer on its live channels when that removes at least this share of its
 # multiply-adds: below it, copying the live input channels and scattering the output may cost more than it
 # saves (policy="measure" times it instead).
@@ -43,6 +63,7 @@ class LayerChoice:
     density: float
     mode: str
     decision: str
+    dtype: str | None = None  # what the layer last computed in ("bfloat16" under CPU autocast); None: not run
 
 
 def _named_target(model: nn.Module, param_name: str) -> tuple[str, nn.Module]:
@@ -88,9 +109,14 @@ def _candidate_modes(layer: nn.Module) -> list[str]:
     return modes
 
 
-def _time_modes(layer: nn.Module, input_shape: torch.Size) -> dict[str, float]:
-    """Median forward+backward milliseconds of ``layer`` in each candidate mode."""
-    x = torch.randn(input_shape, dtype=layer.values.dtype, device=layer.values.device, requires_grad=True)
+def _time_modes(layer: nn.Module, input_shape: torch.Size, dtype: torch.dtype | None) -> dict[str, float]:
+    """Median forward+backward milliseconds of ``layer`` in each candidate mode, under autocast to ``dtype``
+    if given (dense modes then run oneDNN's bfloat16 kernels in the channels-last layout they prefer)."""
+    device = layer.values.device
+    x = torch.randn(input_shape, dtype=layer.values.dtype, device=device)
+    if dtype is not None and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     results = {}
     saved = layer.mode
     for mode in _candidate_modes(layer):
@@ -99,7 +125,9 @@ def _time_modes(layer: nn.Module, input_shape: torch.Size) -> dict[str, float]:
         def step():
             layer.zero_grad(set_to_none=True)
             x.grad = None
-            layer(x).sum().backward()
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                y = layer(x)
+            y.float().sum().backward()
 
         results[mode] = _median_ms(step, x.device)
     layer.mode = saved
@@ -130,7 +158,8 @@ def _layer_inputs(model: nn.Module, names: list[str], example_input) -> dict[str
 
 def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = False, policy: str = "auto",
              example_input: Tensor | tuple | None = None, keep_layout: bool = True,
-             filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+             filter_fn: Callable[[nn.Module, str], bool] | None = None,
+             dtype: torch.dtype | None = None) -> nn.Module:
     """Replaces every masked Conv2d/Linear with :class:`SparseConv2d`/:class:`SparseLinear`.
 
     Args:
@@ -145,11 +174,16 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
             batch-innermost layout (same computation and state_dict), so layouts are converted once, and
             fuse each BatchNorm2d that a Sequential runs into a ReLU (the ReLU becomes ``FusedReLU``).
         filter_fn: ``filter_fn(module, name) -> bool`` to leave some masked layers alone.
+        dtype: the dtype the model will train in, for the cost model and ``"measure"``: ``None`` for the
+            weights' dtype, ``torch.bfloat16`` for ``torch.autocast("cpu", torch.bfloat16)`` (the choice
+            between sparse and dense shifts there, and again with AMX).
 
     Returns the converted model; ``sparsity_report(model)`` lists each layer's density and choice.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if dtype not in (None, torch.bfloat16):
+        raise ValueError(f"dtype must be None (the weights' dtype) or torch.bfloat16 (CPU autocast), got {dtype!r}")
     if policy == "measure" and example_input is None:
         raise ValueError("policy='measure' needs example_input, a batch of the shape the model will train on")
     if not isinstance(masks, Mapping):
@@ -176,7 +210,7 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
         else:
             layer, kind = SparseLinear.from_dense(module, mask), "linear"
         if layer.mode == "sparse":  # not already dense for lack of kernel support
-            _choose_mode(layer, kind, policy, shapes.get(name))
+            _choose_mode(layer, kind, policy, shapes.get(name), dtype)
         _set_submodule(out, name, layer)
     if keep_layout and targets:
         layers = [m for m in out.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
@@ -201,7 +235,8 @@ def _dense_or_compact(layer: nn.Module, why: str) -> tuple[str, str]:
     return "dense", f"dense (cost model: {why})"
 
 
-def _choose_mode(layer: nn.Module, kind: str, policy: str, input_shape: torch.Size | None) -> None:
+def _choose_mode(layer: nn.Module, kind: str, policy: str, input_shape: torch.Size | None,
+                 dtype: torch.dtype | None) -> None:
     density = layer.density
     if policy in ("sparse", "dense", "compact"):
         layer.mode, layer.decision = policy, f"{policy} (forced)"
@@ -209,18 +244,18 @@ def _choose_mode(layer: nn.Module, kind: str, policy: str, input_shape: torch.Si
         layer.mode, layer.decision = _dense_or_compact(
             layer, "on CUDA the sparse kernels beat cuDNN only for some shapes; policy='measure' times them")
     elif policy == "auto":
-        limit = BREAK_EVEN_DENSITY[kind]
+        limit, assumed = break_even_density(kind, dtype)
         if density < limit:
-            layer.mode, layer.decision = "sparse", f"sparse (cost model: density {density:.3f} < {limit})"
+            layer.mode, layer.decision = "sparse", f"sparse (cost model, {assumed}: density {density:.3f} < {limit})"
         else:
-            layer.mode, layer.decision = _dense_or_compact(layer, f"density {density:.3f} >= {limit}")
+            layer.mode, layer.decision = _dense_or_compact(layer, f"{assumed}: density {density:.3f} >= {limit}")
     elif input_shape is None:
         layer.mode, layer.decision = "dense", "dense (the example input never reached this layer)"
     else:
-        times = _time_modes(layer, input_shape)
+        times = _time_modes(layer, input_shape, dtype)
         layer.mode = min(times, key=times.get)
         listed = ", ".join(f"{mode} {ms:.2f} ms" for mode, ms in times.items())
-        layer.decision = f"{layer.mode} (measured fwd+bwd: {listed})"
+        layer.decision = f"{layer.mode} (measured fwd+bwd{', bfloat16 autocast' if dtype else ''}: {listed})"
 
 
 def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -243,7 +278,8 @@ def sparsity_report(model: nn.Module) -> list[LayerChoice]:
     for name, m in model.named_modules():
         if isinstance(m, (SparseConv2d, SparseLinear)):
             kind = "conv" if isinstance(m, SparseConv2d) else "linear"
-            rows.append(LayerChoice(name, kind, m._dense_shape(), m.density, m.mode, m.decision))
+            dtype = str(m.computed_dtype).removeprefix("torch.") if m.computed_dtype is not None else None
+            rows.append(LayerChoice(name, kind, m._dense_shape(), m.density, m.mode, m.decision, dtype))
     return rows
 
 
@@ -252,9 +288,10 @@ def format_sparsity_report(model: nn.Module) -> str:
     if not rows:
         return "no sparse layers"
     width = max(len(r.name) for r in rows)
-    lines = [f"{'layer':<{width}}  {'shape':<20} {'density':>8}  decision"]
+    lines = [f"{'layer':<{width}}  {'shape':<20} {'density':>8}  {'ran in':<9} decision"]
     for r in rows:
-        lines.append(f"{r.name:<{width}}  {str(r.weight_shape):<20} {r.density:>8.4f}  {r.decision}")
+        lines.append(f"{r.name:<{width}}  {str(r.weight_shape):<20} {r.density:>8.4f}  {r.dtype or 'not run':<9} "
+                     f"{r.decision}")
     n_sparse = sum(r.mode == "sparse" for r in rows)
     n_compact = sum(r.mode == "compact" for r in rows)
     compact = f", {n_compact} {'runs' if n_compact == 1 else 'run'} dense kernels on the live channels only"

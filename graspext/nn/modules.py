@@ -36,7 +36,7 @@ from graspext.ops.sparse import sparse_conv2d, sparse_linear
 
 MODES = ("sparse", "dense", "compact")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
-_HALF_DTYPES = (torch.float16, torch.bfloat16)  # CUDA only, float32 accumulation
+_HALF_DTYPES = (torch.float16, torch.bfloat16)  # float32 accumulation; the CPU kernels take bfloat16 only
 _INDEX_NAMES = ("row_ptr", "row_taps", "col_ptr", "col_taps", "col_order")
 _warned: set[str] = set()
 
@@ -46,6 +46,24 @@ def _cuda_kernels_enabled() -> bool:
     from graspext._extension import has_cuda_kernel
 
     return os.environ.get("GRASPEXT_CUDA_SPARSE") == "1" and has_cuda_kernel("sparse_conv2d")
+
+
+def _kernel_dtypes(x: Tensor, values: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of the image and the values that the sparse ops compute with, after autocast's casts.
+
+    Mirrors the ops' Autocast kernels (C++): on the CPU, bfloat16 autocast casts a float32 image to bfloat16 and
+    reads float32 values as they are; float16 autocast (no CPU kernels) computes in float32. On CUDA, autocast
+    casts float32 images and values to its dtype. float64 is never cast.
+    """
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x.dtype, values
+    low = torch.get_autocast_dtype(device)
+    if device == "cpu" and low == torch.bfloat16:
+        return (low if x.dtype == torch.float32 else x.dtype), values
+    if device == "cpu":
+        return tuple(torch.float32 if d in _HALF_DTYPES else d for d in (x.dtype, values))
+    return tuple(low if d == torch.float32 else d for d in (x.dtype, values))
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -99,6 +117,7 @@ class _SparseLayer(nn.Module):
         self.register_buffer("compact_index", compact_index, persistent=False)
         self.mode = mode
         self.decision = f"{mode} (chosen by the caller)"
+        self.computed_dtype: torch.dtype | None = None  # set by each forward pass
         # Set by sparsify on dense-mode layers followed by sparse ones: hand them the batch-innermost layout
         # (one conversion here instead of mixed layouts downstream, e.g. in a residual sum).
         self.emit_batch_innermost = False
@@ -182,16 +201,20 @@ class _SparseLayer(nn.Module):
                        "tensors (CUDA: GRASPEXT_CUDA_SPARSE=1 enables them; they are slower than cuDNN so far); "
                        "sparse layers compute densely there (same results)")
             return False
-        dtype = x.dtype
-        if dtype in _HALF_DTYPES and torch.is_autocast_enabled(x.device.type) and self.values.dtype == torch.float32:
-            # The ops cast under autocast (CPU: both to float32; CUDA: to autocast's dtype); float64 is never cast.
-            dtype = self.values.dtype
-        kernel_dtypes = _KERNEL_DTYPES + (_HALF_DTYPES if x.device.type == "cuda" else ())
-        if dtype not in kernel_dtypes or dtype != self.values.dtype:
-            _warn_once(f"dtype-{x.dtype}", f"graspext's sparse kernels take {', '.join(map(str, kernel_dtypes))} "
-                       f"input matching the weights ({self.values.dtype}), got {x.dtype}; computing densely")
+        image, values = _kernel_dtypes(x, self.values.dtype)
+        cpu_bfloat16 = x.device.type == "cpu" and image == torch.bfloat16 and values in (torch.bfloat16, torch.float32)
+        image_dtypes = _KERNEL_DTYPES + ((torch.bfloat16,) if x.device.type == "cpu" else _HALF_DTYPES)
+        if not cpu_bfloat16 and (image not in image_dtypes or image != values):
+            _warn_once(f"dtype-{x.dtype}", f"graspext's {x.device.type.upper()} sparse kernels take "
+                       f"{', '.join(map(str, image_dtypes))} input matching the weights ({self.values.dtype}), "
+                       f"got {x.dtype}; computing densely")
             return False
         return True
+
+    def _record_dtype(self, dtype: torch.dtype) -> None:
+        """Remembers the dtype the layer last computed in (``sparsity_report`` lists it)."""
+        if not torch.compiler.is_compiling():
+            self.computed_dtype = dtype
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         weight = self.dense_weight()
@@ -295,7 +318,9 @@ class SparseConv2d(_SparseLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._use_kernels(x) and self.kernel_supported:
-            return sparse_conv2d(x, self.values, self.pattern, self.bias, self.stride, self.padding)
+            y = sparse_conv2d(x, self.values, self.pattern, self.bias, self.stride, self.padding)
+            self._record_dtype(y.dtype)
+            return y
         padding = self._string_padding or self.padding
         if self.padding_mode != "zeros":
             ph, pw = self.padding
@@ -311,6 +336,7 @@ class SparseConv2d(_SparseLayer):
             y = conv(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.emit_batch_innermost and y.shape[0] > 1:
             y = to_batch_innermost(y)
+        self._record_dtype(y.dtype)
         return y
 
     def to_dense(self) -> nn.Conv2d:
@@ -354,13 +380,16 @@ class SparseLinear(_SparseLayer):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {self.in_features}")
         if self._mode == "compact" and self.nnz > 0:
-            return self._compact_call(x, -1, F.linear)
-        if not self._use_kernels(x):
-            return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        lead = x.shape[:-1]
-        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = sparse_linear(flat, self.values, self.pattern, self.bias)
-        return out if x.dim() == 2 else out.reshape(*lead, self.out_features)
+            out = self._compact_call(x, -1, F.linear)
+        elif not self._use_kernels(x):
+            out = F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        else:
+            lead = x.shape[:-1]
+            flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            out = sparse_linear(flat, self.values, self.pattern, self.bias)
+            out = out if x.dim() == 2 else out.reshape(*lead, self.out_features)
+        self._record_dtype(out.dtype)
+        return out
 
     def to_dense(self) -> nn.Linear:
         """The equivalent ``nn.Linear`` (pruned weights are zeros)."""

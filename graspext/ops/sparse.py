@@ -33,11 +33,14 @@ def _pair(value, name: str) -> tuple[int, int]:
 def _check_values(input: Tensor, values: Tensor, pattern) -> None:
     if values.shape != (pattern.nnz,):
         raise ValueError(f"values must have shape ({pattern.nnz},) (one per kept weight), got {tuple(values.shape)}")
-    # Under autocast the op casts float32 input and values to one dtype (CPU: registered below; CUDA: in C++).
-    autocast = (input.dtype in (torch.float16, torch.bfloat16) and values.dtype == torch.float32
-                and torch.is_autocast_enabled(input.device.type))
-    if values.dtype != input.dtype and not autocast:
-        raise TypeError(f"values has dtype {values.dtype} but input has {input.dtype}")
+    # bfloat16 images on the CPU multiply in float32 and read float32 values as they are. Under CUDA autocast
+    # the op casts float32 values to the input's dtype (its AutocastCUDA kernel).
+    cpu_bfloat16 = input.device.type == "cpu" and input.dtype == torch.bfloat16
+    cuda_autocast = (input.device.type == "cuda" and input.dtype in (torch.float16, torch.bfloat16)
+                     and torch.is_autocast_enabled("cuda"))
+    if values.dtype != input.dtype and not (values.dtype == torch.float32 and (cpu_bfloat16 or cuda_autocast)):
+        raise TypeError(f"values has dtype {values.dtype} but input has {input.dtype}"
+                        + ("; they must match (or values be float32)" if cpu_bfloat16 else "; they must match"))
 
 
 def sparse_conv2d(input: Tensor, values: Tensor, pattern, bias: Tensor | None = None, stride=1, padding=0) -> Tensor:
@@ -88,6 +91,10 @@ def _setup_context(ctx, inputs, output):
     ctx.input_shape = list(input.shape)
     ctx.weight_shape, ctx.stride, ctx.padding = weight_shape, stride, padding
     ctx.has_bias = bias is not None
+    # The CPU weight gradient of bfloat16 images is float32 (the kernels' accumulation); each parameter's
+    # gradient takes the parameter's dtype.
+    ctx.values_dtype = values.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward(ctx, grad_output):
@@ -101,9 +108,10 @@ def _backward(ctx, grad_output):
     if ctx.needs_input_grad[1]:
         grad_values = _ops.sparse_conv2d_backward_weight(
             grad_output, input, row_ptr, row_taps, ctx.weight_shape, ctx.stride, ctx.padding
-        )
+        ).to(ctx.values_dtype)
     if ctx.has_bias and ctx.needs_input_grad[7]:
-        grad_bias = grad_output.sum((0, 2, 3))
+        accumulate = torch.float32 if grad_output.dtype in (torch.float16, torch.bfloat16) else grad_output.dtype
+        grad_bias = grad_output.sum((0, 2, 3), dtype=accumulate).to(ctx.bias_dtype)
     return grad_input, grad_values, None, None, None, None, None, grad_bias, None, None, None
 
 
@@ -126,12 +134,9 @@ def _linear_backward(ctx, grad_output):
 
 torch.library.register_autograd("graspext::sparse_linear", _linear_backward, setup_context=_setup_linear_context)
 
-# Autocast on the CPU: its kernels have no half-precision path, so inputs are cast to float32 and a sparse layer
-# between autocast's bfloat16 layers computes in float32 instead of failing on mixed dtypes. On CUDA the
-# kernels take float16/bfloat16 (float32 accumulation); their AutocastCUDA kernels, in C++, cast to autocast's
-# dtype.
-for _op in ("graspext::sparse_conv2d", "graspext::sparse_linear"):
-    torch.library.register_autocast(_op, "cpu", torch.float32)
+# Autocast: the AutocastCPU and AutocastCUDA kernels (C++) run the products in autocast's dtype. On the CPU
+# that is bfloat16 images with the float32 values read as they are; float16 autocast has no CPU kernels and
+# computes in float32, with a one-time warning.
 
 
 # ---- fake kernels (shapes and strides only) -------------------------------------------------------------
@@ -182,4 +187,5 @@ def _(grad_output, values, col_ptr, col_taps, col_order, weight_shape, input_sha
 
 @torch.library.register_fake("graspext::sparse_conv2d_backward_weight")
 def _(grad_output, input, row_ptr, row_taps, weight_shape, stride, padding):
-    return input.new_empty((row_taps.shape[0],))
+    cpu_bfloat16 = input.device.type == "cpu" and input.dtype == torch.bfloat16
+    return input.new_empty((row_taps.shape[0],), dtype=torch.float32 if cpu_bfloat16 else input.dtype)

@@ -1,6 +1,7 @@
 // CPU driver of the sparse convolution ops: checks, batch-innermost layouts, stride/padding maps, threading,
 // and the choice of SIMD kernels (isa/) by what this CPU supports.
 #include <ATen/Dispatch.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
@@ -109,7 +110,7 @@ template <typename T>
 struct ScratchBuffers {
   std::vector<int64_t> offset;
   std::vector<int32_t> col, entry;
-  std::vector<T> weight;
+  std::vector<cpu::compute_t<T>> weight;
   explicit ScratchBuffers(int64_t n) : offset(n), col(n), entry(n), weight(n) {}
   cpu::TapScratch<T> view() { return {offset.data(), col.data(), entry.data(), weight.data()}; }
 };
@@ -117,13 +118,35 @@ struct ScratchBuffers {
 template <typename T>
 cpu::GatherFn<T> gather_fn(const SparseConvKernels* k) {
   if constexpr (std::is_same_v<T, float>) return k->gather_f32;
+  else if constexpr (std::is_same_v<T, cpu::Bf16>) return k->gather_bf16;
   else return k->gather_f64;
 }
 
 template <typename T>
 cpu::SddmmFn<T> sddmm_fn(const SparseConvKernels* k) {
   if constexpr (std::is_same_v<T, float>) return k->sddmm_f32;
+  else if constexpr (std::is_same_v<T, cpu::Bf16>) return k->sddmm_bf16;
   else return k->sddmm_f64;
+}
+
+// The kernels' element type for an ATen dtype (the same bits), and the dtype they multiply in: bfloat16
+// images take float32 weights and bias and give float32 weight gradients.
+template <typename scalar_t>
+struct KernelElement {
+  using type = scalar_t;
+};
+template <>
+struct KernelElement<at::BFloat16> {
+  using type = cpu::Bf16;
+};
+
+at::ScalarType compute_dtype(at::ScalarType image_dtype) {
+  return image_dtype == at::kBFloat16 ? at::kFloat : image_dtype;
+}
+
+template <typename K, typename scalar_t>
+const K* kernel_data(const at::Tensor& t) {
+  return reinterpret_cast<const K*>(t.const_data_ptr<scalar_t>());
 }
 
 // Each entry's tap decoded once per call: the offset of its source channel and its kernel row and column.
@@ -218,29 +241,34 @@ void gather_product(const Image& src, const Image& dst, int64_t batch, int64_t k
                     int64_t col_step, int64_t block_stride_w) {
   const auto taps = decode_taps(tap_index, kernel_h, kernel_w, src.data.stride(1));
   const bool rows_direct = is_identity(row_map, kernel_h, dst.h, src.h);
-  AT_DISPATCH_FLOATING_TYPES(src.data.scalar_type(), "sparse_conv2d_gather_cpu", [&] {
-    cpu::GatherConvArgs<scalar_t> args{batch,
-                                       src.h,
-                                       src.w,
-                                       dst.channels,
-                                       dst.h,
-                                       dst.w,
-                                       kernel_h,
-                                       kernel_w,
-                                       src.data.const_data_ptr<scalar_t>(),
-                                       dst.data.data_ptr<scalar_t>(),
-                                       image_strides(src.data),
-                                       image_strides(dst.data),
-                                       ptr.const_data_ptr<int64_t>(),
-                                       taps.base.data(),
-                                       taps.r.data(),
-                                       taps.s.data(),
-                                       values.const_data_ptr<scalar_t>(),
-                                       bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                                       row_map.data(),
-                                       col_map.data(),
-                                       rows_direct,
-                                       col_step};
+  const auto compute = compute_dtype(src.data.scalar_type());
+  const auto v = values.to(compute).contiguous();
+  const auto b = bias.defined() ? bias.to(compute).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.data.scalar_type(), "sparse_conv2d_gather_cpu", [&] {
+    using K = typename KernelElement<scalar_t>::type;
+    using C = cpu::compute_t<K>;
+    cpu::GatherConvArgs<K> args{batch,
+                                src.h,
+                                src.w,
+                                dst.channels,
+                                dst.h,
+                                dst.w,
+                                kernel_h,
+                                kernel_w,
+                                kernel_data<K, scalar_t>(src.data),
+                                reinterpret_cast<K*>(dst.data.data_ptr<scalar_t>()),
+                                image_strides(src.data),
+                                image_strides(dst.data),
+                                ptr.const_data_ptr<int64_t>(),
+                                taps.base.data(),
+                                taps.r.data(),
+                                taps.s.data(),
+                                v.const_data_ptr<C>(),
+                                b.defined() ? b.const_data_ptr<C>() : nullptr,
+                                row_map.data(),
+                                col_map.data(),
+                                rows_direct,
+                                col_step};
     run_gather(args, src.channels, block_stride_w);
   });
 }
@@ -251,12 +279,11 @@ at::Tensor& sparse_conv2d_into(const at::Tensor& input, const at::Tensor& values
                                const ConvGeometry& g, at::Tensor& out) {
   if (out.numel() == 0) return out;
   const auto x = batch_innermost(input);
-  const auto v = values.contiguous();
-  const auto b = bias ? bias->contiguous() : at::Tensor();
   const auto row_map = forward_map(g.kernel_h, g.out_h, g.in_h, g.stride_h, g.pad_h);
   const auto col_map = forward_map(g.kernel_w, g.out_w, g.in_w, g.stride_w, g.pad_w);
   gather_product({x, g.in_channels, g.in_h, g.in_w}, {out, g.out_channels, g.out_h, g.out_w}, g.batch, g.kernel_h,
-                 g.kernel_w, row_ptr, row_taps, v, b, row_map, col_map, g.stride_w, g.stride_w);
+                 g.kernel_w, row_ptr, row_taps, values, bias ? *bias : at::Tensor(), row_map, col_map, g.stride_w,
+                 g.stride_w);
   return out;
 }
 
@@ -311,7 +338,7 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, cons
   const auto g =
       check_backward_weight_args(grad_output, input, row_ptr, row_taps, weight_shape, stride, padding, at::kCPU);
   const int64_t nnz = row_taps.numel();
-  auto grad_values = at::zeros({nnz}, input.options());
+  auto grad_values = at::zeros({nnz}, input.options().dtype(compute_dtype(input.scalar_type())));
   if (nnz == 0 || g.batch == 0) return grad_values;
   const auto dy = batch_innermost(grad_output);
   const auto x = batch_innermost(input);
@@ -322,16 +349,18 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, cons
   const auto ranges = balanced_row_ranges(ptr, g.out_channels, at::get_num_threads());
   const int64_t scratch = max_row_nnz(ptr, g.out_channels);
   const auto taps = decode_taps(row_taps, g.kernel_h, g.kernel_w, x.stride(1));
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sparse_conv2d_backward_weight_cpu", [&] {
-    cpu::SddmmConvArgs<scalar_t> args{g.batch,
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "sparse_conv2d_backward_weight_cpu", [&] {
+    using K = typename KernelElement<scalar_t>::type;
+    using C = cpu::compute_t<K>;
+    cpu::SddmmConvArgs<K> args{g.batch,
                                       g.in_h,
                                       g.in_w,
                                       g.out_h,
                                       g.out_w,
                                       g.kernel_h,
                                       g.kernel_w,
-                                      dy.const_data_ptr<scalar_t>(),
-                                      x.const_data_ptr<scalar_t>(),
+                                      kernel_data<K, scalar_t>(dy),
+                                      kernel_data<K, scalar_t>(x),
                                       image_strides(dy),
                                       image_strides(x),
                                       ptr,
@@ -342,21 +371,22 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, cons
                                       col_map.data(),
                                       is_identity(row_map, g.kernel_h, g.out_h, g.in_h),
                                       g.stride_w,
-                                      grad_values.data_ptr<scalar_t>()};
-    const auto fn = sddmm_fn<scalar_t>(kernels);
-    const int64_t lanes = kernels->vector_bytes / static_cast<int64_t>(sizeof(scalar_t));
+                                      grad_values.data_ptr<C>()};
+    const auto fn = sddmm_fn<K>(kernels);
+    // Partial sums per entry: one vector of the compute type.
+    const int64_t lanes = kernels->vector_bytes / static_cast<int64_t>(sizeof(C));
     // The whole batch per block: every extra chunk is another pass over the per-entry partial sums.
-    const auto blk = cache_blocking<scalar_t>(g.in_channels, g.kernel_h, g.kernel_w, g.stride_w, g.batch, g.out_w,
+    const auto blk = cache_blocking<K>(g.in_channels, g.kernel_h, g.kernel_w, g.stride_w, g.batch, g.out_w,
                                               g.batch);
     const int64_t parts = static_cast<int64_t>(ranges.size()) - 1;
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      ScratchBuffers<scalar_t> buffers(scratch);
+      ScratchBuffers<K> buffers(scratch);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t rows_nnz = ptr[ranges[p + 1]] - ptr[ranges[p]];
         if (rows_nnz == 0) continue;
         // One vector of partial sums per entry, aligned to the vector size (64 bytes covers every ISA).
-        std::vector<scalar_t> partial(rows_nnz * lanes + 64 / sizeof(scalar_t));
-        auto* aligned = reinterpret_cast<scalar_t*>((reinterpret_cast<uintptr_t>(partial.data()) + 63) & ~uintptr_t{63});
+        std::vector<C> partial(rows_nnz * lanes + 64 / sizeof(C));
+        auto* aligned = reinterpret_cast<C*>((reinterpret_cast<uintptr_t>(partial.data()) + 63) & ~uintptr_t{63});
         fn(args, blk, ranges[p], ranges[p + 1], buffers.view(), aligned);
       }
     });
@@ -371,7 +401,57 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& values, 
   return sparse_linear_via(&sparse_conv2d_into, input, values, row_ptr, row_taps, bias, at::kCPU);
 }
 
+// Autocast on the CPU. bfloat16: float32 images are cast to bfloat16 and the float32 values and bias are read
+// as they are (the kernels multiply in float32), so autograd gives float32 weights float32 gradients without a
+// cast of the weights; float64 stays float64. float16 (which the CPU kernels lack): everything in float32,
+// with a warning, rather than a silent change of precision.
+struct CpuAutocastCasts {
+  at::Tensor input, values;
+  std::optional<at::Tensor> bias;
+};
+
+CpuAutocastCasts cpu_autocast_casts(const at::Tensor& input, const at::Tensor& values,
+                                    const std::optional<at::Tensor>& bias) {
+  const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(c10::DeviceType::CPU);
+  if (dtype == at::kBFloat16) return {at::autocast::cached_cast(dtype, input, c10::DeviceType::CPU), values, bias};
+  TORCH_WARN_ONCE("graspext's CPU sparse kernels have no ", dtype, " path; under ", dtype,
+                  " autocast the sparse layers compute in float32 (use bfloat16 autocast on the CPU)");
+  const auto to_float = [](const at::Tensor& t) { return at::isReducedFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t; };
+  return {to_float(input), to_float(values), bias ? std::optional<at::Tensor>(to_float(*bias)) : std::nullopt};
+}
+
+at::Tensor sparse_conv2d_autocast_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                                      const at::Tensor& row_taps, const at::Tensor& col_ptr,
+                                      const at::Tensor& col_taps, const at::Tensor& col_order,
+                                      const std::optional<at::Tensor>& bias, at::IntArrayRef weight_shape,
+                                      at::IntArrayRef stride, at::IntArrayRef padding) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("graspext::sparse_conv2d", "")
+                             .typed<decltype(sparse_conv2d_autocast_cpu)>();
+  const auto c = cpu_autocast_casts(input, values, bias);
+  return op.call(c.input, c.values, row_ptr, row_taps, col_ptr, col_taps, col_order, c.bias, weight_shape, stride,
+                 padding);
+}
+
+at::Tensor sparse_linear_autocast_cpu(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_ptr,
+                                      const at::Tensor& row_taps, const at::Tensor& col_ptr,
+                                      const at::Tensor& col_taps, const at::Tensor& col_order,
+                                      const std::optional<at::Tensor>& bias) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("graspext::sparse_linear", "")
+                             .typed<decltype(sparse_linear_autocast_cpu)>();
+  const auto c = cpu_autocast_casts(input, values, bias);
+  return op.call(c.input, c.values, row_ptr, row_taps, col_ptr, col_taps, col_order, c.bias);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(graspext, AutocastCPU, m) {
+  m.impl("sparse_conv2d", &sparse_conv2d_autocast_cpu);
+  m.impl("sparse_linear", &sparse_linear_autocast_cpu);
+}
 
 TORCH_LIBRARY_IMPL(graspext, CPU, m) {
   m.impl("sparse_conv2d", &sparse_conv2d_cpu);

@@ -12,6 +12,25 @@
 
 namespace graspext::cpu {
 
+// A bfloat16 activation as the kernels store it: the upper half of a float32 (the layout of c10::BFloat16).
+// bfloat16 images are multiplied in float32: weights, bias, partial sums and weight gradients are float32
+// (the compute type), and each product rounds to bfloat16 once, when it stores its output.
+struct Bf16 {
+  uint16_t bits;
+};
+
+// The type the kernels multiply and accumulate in for images of type T.
+template <typename T>
+struct ComputeType {
+  using type = T;
+};
+template <>
+struct ComputeType<Bf16> {
+  using type = float;
+};
+template <typename T>
+using compute_t = typename ComputeType<T>::type;
+
 // Elements between consecutive channels, rows and columns of a batch-innermost image.
 struct ImageStrides {
   int64_t channel, row, pixel;
@@ -36,8 +55,8 @@ struct GatherConvArgs {
   const int64_t* tap_base;     // [nnz]: offset of the entry's source channel, c * src_strides.channel
   const int32_t* tap_r;        // [nnz]: kernel row r of the entry
   const int32_t* tap_s;        // [nnz]: kernel column s of the entry
-  const T* values;             // [nnz], in the order of the entries
-  const T* bias;               // null, or [dst_rows]
+  const compute_t<T>* values;  // [nnz], in the order of the entries
+  const compute_t<T>* bias;    // null, or [dst_rows]
   const int32_t* row_map;      // [kernel_h, dst_h]
   const int32_t* col_map;      // [kernel_w, dst_w]
   bool rows_direct;            // kernel_h == 1 and row_map[y] == y: every entry is valid in every row
@@ -64,7 +83,7 @@ struct SddmmConvArgs {
   const int32_t* col_map;  // [kernel_w, out_w]
   bool rows_direct;        // as in GatherConvArgs
   int64_t col_step;        // as in GatherConvArgs
-  T* grad_values;          // [nnz]
+  compute_t<T>* grad_values;  // [nnz]
 };
 
 // Per-thread scratch the driver allocates; sized by the largest row (entries) or the thread's rows.
@@ -72,8 +91,8 @@ template <typename T>
 struct TapScratch {
   int64_t* offset;  // [max_row_nnz]
   int32_t* col;     // [max_row_nnz]
-  int32_t* entry;   // [max_row_nnz]
-  T* weight;        // [max_row_nnz]
+  int32_t* entry;        // [max_row_nnz]
+  compute_t<T>* weight;  // [max_row_nnz]
 };
 
 // Cache blocking: the gather kernel's items are (batch chunk, y, x block, row), row fastest, so that
@@ -87,11 +106,11 @@ struct CacheBlocking {
 template <typename T>
 using GatherFn = void (*)(const GatherConvArgs<T>&, CacheBlocking, int64_t item_begin, int64_t item_end,
                           TapScratch<T>);
-// The SDDMM kernel owns rows [row_begin, row_end); `partial` holds vector_width values per entry of them,
-// aligned to 64 bytes.
+// The SDDMM kernel owns rows [row_begin, row_end); `partial` holds one vector of partial sums per entry of them
+// (vector_bytes / sizeof(compute_t<T>) values), aligned to 64 bytes.
 template <typename T>
 using SddmmFn = void (*)(const SddmmConvArgs<T>&, CacheBlocking, int64_t row_begin, int64_t row_end, TapScratch<T>,
-                         T* partial);
+                         compute_t<T>* partial);
 
 struct SparseConvKernels {
   const char* isa;
@@ -100,6 +119,8 @@ struct SparseConvKernels {
   GatherFn<double> gather_f64;
   SddmmFn<float> sddmm_f32;
   SddmmFn<double> sddmm_f64;
+  GatherFn<Bf16> gather_bf16;
+  SddmmFn<Bf16> sddmm_bf16;
 };
 
 // Each returns null when this build or CPU architecture has no such code path.

@@ -16,7 +16,8 @@ namespace graspext::cpu::GRASPEXT_ISA {
 
 template <typename T>
 struct Vec {
-  static constexpr int kWidth = GRASPEXT_VEC_BYTES / sizeof(T);
+  static constexpr int kWidth = GRASPEXT_VEC_BYTES / sizeof(T);  // image values per vector
+  static constexpr int kRegisters = 1;                            // registers one vector occupies
   typedef T type __attribute__((vector_size(GRASPEXT_VEC_BYTES)));
   typedef T unaligned __attribute__((vector_size(GRASPEXT_VEC_BYTES), aligned(sizeof(T)), may_alias));
 
@@ -34,6 +35,9 @@ struct Vec {
   }
   static inline type splat(T x) { return type{} + x; }
   static inline type fma(type a, type b, type c) { return GRASPEXT_FMA(a, b, c); }
+  static inline type add(type a, type b) { return a + b; }
+  // A dot product's partial sums over the batch, as the weight gradient keeps them between tiles.
+  static inline type fold(type v) { return v; }
   static inline T sum(type v) {
     T s = 0;
     for (int i = 0; i < kWidth; ++i) s += v[i];
@@ -41,6 +45,54 @@ struct Vec {
   }
 };
 
+// bfloat16 images: one vector is a register of bfloat16 values (twice the float32 count, so one cache line
+// feeds twice the multiply-adds), widened to two float32 registers on load. Widening needs no shuffle: a
+// 32-bit word holds two consecutive samples, and the even one shifted up (the odd one masked) is its
+// float32 value. So `even` holds samples 0, 2, 4, ... and `odd` samples 1, 3, 5, ...; a store rounds both
+// back (to nearest even, as c10::BFloat16) and interleaves them into words again. Dot products over the
+// batch (the weight gradient) sum both halves, in whatever order.
+template <>
+struct Vec<Bf16> {
+  using F = Vec<float>;
+  static constexpr int kWidth = 2 * F::kWidth;
+  static constexpr int kRegisters = 2;
+  typedef uint32_t words __attribute__((vector_size(GRASPEXT_VEC_BYTES)));
+  typedef uint32_t words_unaligned __attribute__((vector_size(GRASPEXT_VEC_BYTES), aligned(2), may_alias));
+  struct type {
+    F::type even, odd;
+  };
+
+  static inline type widen(words u) { return {(F::type)(u << 16), (F::type)(u & 0xffff0000u)}; }
+  // The bfloat16 of each lane in the upper half of its word: round to nearest even; NaN becomes 0x7FC0.
+  static inline words round_upper(F::type x) {
+    const words u = (words)x;
+    const words rounded = u + 0x7fffu + ((u >> 16) & 1u);
+    const words nan = (words)(x != x);
+    return ((rounded & ~nan) | (0x7fc00000u & nan)) & 0xffff0000u;
+  }
+  static inline words narrow(type v) { return (round_upper(v.even) >> 16) | round_upper(v.odd); }
+
+  static inline type load(const Bf16* p) { return widen(*reinterpret_cast<const words_unaligned*>(p)); }
+  static inline void store(Bf16* p, type v) { *reinterpret_cast<words_unaligned*>(p) = narrow(v); }
+  static inline type load_first(const Bf16* p, int n) {
+    alignas(64) Bf16 tmp[kWidth] = {};
+    for (int i = 0; i < n; ++i) tmp[i] = p[i];
+    return load(tmp);
+  }
+  static inline void store_first(Bf16* p, type v, int n) {
+    alignas(64) Bf16 tmp[kWidth];
+    store(tmp, v);
+    for (int i = 0; i < n; ++i) p[i] = tmp[i];
+  }
+  static inline type splat(float x) { return {F::splat(x), F::splat(x)}; }
+  static inline type fma(type a, type b, type c) { return {F::fma(a.even, b.even, c.even), F::fma(a.odd, b.odd, c.odd)}; }
+  static inline type add(type a, type b) { return {a.even + b.even, a.odd + b.odd}; }
+  // Even and odd samples add up alike: a partial sum needs one register, not two.
+  static inline F::type fold(type v) { return v.even + v.odd; }
+  static inline float sum(type v) { return F::sum(fold(v)); }
+};
+
+// Accumulator registers of a tile; a tile of T holds kAccumulators / Vec<T>::kRegisters vectors.
 constexpr int kAccumulators = GRASPEXT_VEC_BYTES >= 64 ? 16 : 8;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -88,7 +140,7 @@ inline void store_block(T* p, int b, BatchTile t, typename Vec<T>::type v) {
 // row's first entry, and the caller adds y's row offset to the source pointer instead.
 template <typename T>
 inline int64_t collect_row_taps(const int64_t* row_ptr, const int64_t* tap_base, const int32_t* tap_r,
-                                const int32_t* tap_s, const T* values, int64_t row, int64_t y, int64_t dst_h,
+                                const int32_t* tap_s, const compute_t<T>* values, int64_t row, int64_t y, int64_t dst_h,
                                 int64_t src_row_stride, const int32_t* row_map, const TapScratch<T>& taps) {
   // Branch-free compaction: whether a tap is in bounds follows no pattern the predictor could learn.
   int64_t n = 0;
@@ -132,7 +184,7 @@ inline const T* tap_pixel(const T* src_row, const int32_t* cmap, int p, int64_t 
 template <typename T, int kPos, int kVecs, bool kFull, bool kInterior>
 inline void gather_tile(const T* src, int64_t src_pixel, const TapScratch<T>& taps, int64_t ntaps,
                         const int32_t* col_map, int64_t dst_w, int64_t x0, int npos, int64_t step, BatchTile bt,
-                        T bias, T* dst, int64_t dst_pixel) {
+                        compute_t<T> bias, T* dst, int64_t dst_pixel) {
   using V = Vec<T>;
   using v_t = typename V::type;
   v_t acc[kPos][kVecs];
@@ -191,13 +243,13 @@ void gather_items(const GatherConvArgs<T>& a, CacheBlocking blk, int64_t item_be
       ntaps = a.row_ptr[row + 1] - e0;
       row_taps.offset = const_cast<int64_t*>(a.tap_base + e0);
       row_taps.col = const_cast<int32_t*>(a.tap_s + e0);
-      row_taps.weight = const_cast<T*>(a.values + e0);
+      row_taps.weight = const_cast<compute_t<T>*>(a.values + e0);
       src += y * src_row_stride;
     } else {
       ntaps = collect_row_taps(a.row_ptr, a.tap_base, a.tap_r, a.tap_s, a.values, row, y, a.dst_h, src_row_stride,
                                a.row_map, taps);
     }
-    const T bias = a.bias ? a.bias[row] : T(0);
+    const compute_t<T> bias = a.bias ? a.bias[row] : compute_t<T>(0);
     T* dst_row = a.dst + row * a.dst_strides.channel + y * a.dst_strides.row;
     const int64_t n_end = min64(a.batch, (chunk + 1) * blk.batch_chunk);
     const int64_t x_end = min64(a.dst_w, (xb + 1) * blk.x_block);
@@ -246,7 +298,7 @@ inline void with_positions(int64_t width, Kernel& kernel) {
 template <typename T, typename Kernel>
 inline void with_tile(int64_t batch, int64_t width, Kernel&& kernel) {
   constexpr int W = Vec<T>::kWidth;
-  constexpr int R = kAccumulators;
+  constexpr int R = kAccumulators / Vec<T>::kRegisters;
   const int64_t vectors = (batch + W - 1) / W;
   if (vectors >= R) {
     with_positions<R, R>(width, kernel);
@@ -255,7 +307,8 @@ inline void with_tile(int64_t batch, int64_t width, Kernel&& kernel) {
   } else if (vectors >= R / 4) {
     with_positions<R, R / 4>(width, kernel);
   } else {
-    with_positions<R, R / 8>(width, kernel);
+    // At least one vector: a 4-vector tile (bfloat16 on 16-register ISAs) has no eighth.
+    with_positions<R, (R >= 8 ? R / 8 : 1)>(width, kernel);
   }
 }
 
@@ -283,17 +336,18 @@ void gather(const GatherConvArgs<T>& a, CacheBlocking blk, int64_t item_begin, i
 template <typename T, int kPos, int kVecs, bool kFull, bool kInterior>
 inline void sddmm_tile(const T* go, int64_t go_pixel, const T* in, int64_t in_pixel, const TapScratch<T>& taps,
                        int64_t ntaps, const int32_t* col_map, int64_t out_w, int64_t x0, int npos, int64_t step,
-                       BatchTile bt, typename Vec<T>::type* partial, bool single_pass) {
+                       BatchTile bt, typename Vec<compute_t<T>>::type* partial, bool single_pass) {
   using V = Vec<T>;
   using v_t = typename V::type;
-  constexpr int kAcc = kVecs < 4 ? kVecs : 4;
+  constexpr int kMaxAcc = 4 / Vec<T>::kRegisters;
+  constexpr int kAcc = kVecs < kMaxAcc ? kVecs : kMaxAcc;
   // The grad_output tile stays in registers while every tap of the row streams its input pixels past it.
   v_t g[kPos][kVecs];
 #pragma GCC unroll 16
   for (int p = 0; p < kPos; ++p)
 #pragma GCC unroll 16
     for (int b = 0; b < kVecs; ++b) {
-      g[p][b] = V::splat(T(0));
+      g[p][b] = V::splat(compute_t<T>(0));
       if (p < npos && (kFull || b < bt.nvec)) g[p][b] = load_block<T, kFull>(go + (x0 + p) * go_pixel, b, bt);
     }
 
@@ -302,7 +356,7 @@ inline void sddmm_tile(const T* go, int64_t go_pixel, const T* in, int64_t in_pi
     const int32_t* cmap = col_map + static_cast<int64_t>(taps.col[j]) * out_w + x0;
     v_t acc[kAcc];
 #pragma GCC unroll 16
-    for (int b = 0; b < kAcc; ++b) acc[b] = V::splat(T(0));
+    for (int b = 0; b < kAcc; ++b) acc[b] = V::splat(compute_t<T>(0));
 #pragma GCC unroll 16
     for (int p = 0; p < kPos; ++p) {
       if (!kInterior && p >= npos) break;
@@ -315,31 +369,34 @@ inline void sddmm_tile(const T* go, int64_t go_pixel, const T* in, int64_t in_pi
     }
     v_t total = acc[0];
 #pragma GCC unroll 16
-    for (int b = 1; b < kAcc; ++b) total += acc[b];
+    for (int b = 1; b < kAcc; ++b) total = V::add(total, acc[b]);
     const int64_t e = taps.entry ? taps.entry[j] : j;
     if (single_pass) {
-      reinterpret_cast<T*>(partial)[e] = V::sum(total);
+      reinterpret_cast<compute_t<T>*>(partial)[e] = V::sum(total);
     } else {
-      partial[e] += total;
+      partial[e] += V::fold(total);
     }
   }
 }
 
 template <typename T, int kPos, int kVecs>
 void sddmm_rows(const SddmmConvArgs<T>& a, CacheBlocking blk, int64_t row_begin, int64_t row_end,
-                TapScratch<T> taps, T* partial_storage) {
+                TapScratch<T> taps, compute_t<T>* partial_storage) {
   using V = Vec<T>;
   using v_t = typename V::type;
   constexpr int64_t kTile = kVecs * V::kWidth;
   const int64_t e_begin = a.row_ptr[row_begin];
   const int64_t e_end = a.row_ptr[row_end];
   const int64_t in_row_stride = a.in_strides.row;
-  v_t* partial = reinterpret_cast<v_t*>(partial_storage);
+  // Partial sums are vectors of the compute type (a bfloat16 tile's two halves fold into one).
+  using P = Vec<compute_t<T>>;
+  using p_t = typename P::type;
+  p_t* partial = reinterpret_cast<p_t*>(partial_storage);
   // One tile covers each whole dot product (a linear layer whose batch fits the tile): the sums go straight
   // to grad_values. Otherwise each entry's vector of partial sums waits in `partial` between tiles.
   const bool single_pass = a.out_h == 1 && a.out_w <= kPos && a.batch <= kTile;
-  if (single_pass) partial = reinterpret_cast<v_t*>(a.grad_values + e_begin);
-  for (int64_t e = 0; !single_pass && e < e_end - e_begin; ++e) partial[e] = V::splat(T(0));
+  if (single_pass) partial = reinterpret_cast<p_t*>(a.grad_values + e_begin);
+  for (int64_t e = 0; !single_pass && e < e_end - e_begin; ++e) partial[e] = P::splat(compute_t<T>(0));
   // Blocks (batch chunk, y, x block) outermost, channels inside: consecutive channels read the same input
   // pixels, which stay in cache; each entry's partial sum waits in `partial` meanwhile.
   for (int64_t n_begin = 0; n_begin < a.batch; n_begin += blk.batch_chunk) {
@@ -349,7 +406,7 @@ void sddmm_rows(const SddmmConvArgs<T>& a, CacheBlocking blk, int64_t row_begin,
         const int64_t x_end = min64(a.out_w, xb + blk.x_block);
         for (int64_t row = row_begin; row < row_end; ++row) {
           const T* input = a.input;
-          v_t* row_partial = partial;
+          p_t* row_partial = partial;
           int64_t ntaps;
           TapScratch<T> row_taps = taps;
           if (a.rows_direct) {
@@ -358,7 +415,7 @@ void sddmm_rows(const SddmmConvArgs<T>& a, CacheBlocking blk, int64_t row_begin,
             row_taps.offset = const_cast<int64_t*>(a.tap_base + e0);
             row_taps.col = const_cast<int32_t*>(a.tap_s + e0);
             row_taps.entry = nullptr;  // entry j is the row's j-th
-            row_partial = single_pass ? reinterpret_cast<v_t*>(a.grad_values + e0) : row_partial + (e0 - e_begin);
+            row_partial = single_pass ? reinterpret_cast<p_t*>(a.grad_values + e0) : row_partial + (e0 - e_begin);
             input += y * in_row_stride;
           } else {
             ntaps = collect_row_taps<T>(a.row_ptr, a.tap_base, a.tap_r, a.tap_s, nullptr, row, y, a.out_h,
@@ -392,7 +449,7 @@ void sddmm_rows(const SddmmConvArgs<T>& a, CacheBlocking blk, int64_t row_begin,
       }
     }
   }
-  for (int64_t e = e_begin; !single_pass && e < e_end; ++e) a.grad_values[e] = V::sum(partial[e - e_begin]);
+  for (int64_t e = e_begin; !single_pass && e < e_end; ++e) a.grad_values[e] = P::sum(partial[e - e_begin]);
 }
 
 template <typename T>
@@ -401,7 +458,7 @@ struct SddmmLauncher {
   CacheBlocking blk;
   int64_t begin, end;
   TapScratch<T> taps;
-  T* partial;
+  compute_t<T>* partial;
   template <int kPos, int kVecs>
   void run() {
     sddmm_rows<T, kPos, kVecs>(a, blk, begin, end, taps, partial);
@@ -410,14 +467,14 @@ struct SddmmLauncher {
 
 template <typename T>
 void sddmm(const SddmmConvArgs<T>& a, CacheBlocking blk, int64_t row_begin, int64_t row_end, TapScratch<T> taps,
-           T* partial) {
+           compute_t<T>* partial) {
   with_tile<T>(min64(a.batch, blk.batch_chunk), min64(a.out_w, blk.x_block),
                SddmmLauncher<T>{a, blk, row_begin, row_end, taps, partial});
 }
 
 inline const SparseConvKernels* kernels() {
   static const SparseConvKernels table{GRASPEXT_ISA_NAME, GRASPEXT_VEC_BYTES, &gather<float>, &gather<double>,
-                                       &sddmm<float>, &sddmm<double>};
+                                       &sddmm<float>, &sddmm<double>, &gather<Bf16>, &sddmm<Bf16>};
   return &table;
 }
 
