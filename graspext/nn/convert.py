@@ -27,13 +27,15 @@ POLICIES = ("auto", "sparse", "dense", "compact", "measure")
 # layer on VGG19/ResNet32-CIFAR shapes at batch 128 and Linear 4096x4096 at batch 256 on a 2-core AVX-512
 # CPU (benchmarks/RESULTS.md): sparse time grows about linearly with density, dense time is flat.
 BREAK_EVEN_DENSITY = {"conv": 0.25, "linear": 0.08}
-# The same under CPU bfloat16 autocast, where the sparse kernels read bfloat16 activations and dense
-# oneDNN runs bfloat16 too: with AMX tiles (a CPU reporting amx_bf16) dense gains more than the kernels do.
-BREAK_EVEN_DENSITY_BF16 = {"amx": {"conv": 0.2, "linear": 0.08}, "avx512": {"conv": 0.25, "linear": 0.08}}
+# The same under CPU bfloat16 autocast, where the kernels read bfloat16 activations and dense oneDNN runs its
+# bfloat16 kernels (channels_last): measured on an AVX512-BF16 CPU without AMX (benchmarks/RESULTS.md). Dense
+# bfloat16 ran 1.9-2.0x faster than float32 there, as on the AMX CPU of issue 12's table (1142 -> 610 ms for
+# VGG19), so one table serves both; policy="measure" times the candidates on any other CPU.
+BREAK_EVEN_DENSITY_BF16 = {"conv": 0.2, "linear": 0.08}
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bfloat16 tiles (which oneDNN uses for dense bfloat16 layers)."""
+    """Whether this CPU reports AMX bfloat16 tiles (which oneDNN uses for dense bfloat16 layers)."""
     try:
         with open("/proc/cpuinfo") as f:
             return any(line.startswith("flags") and " amx_bf16" in line for line in f)
@@ -44,9 +46,10 @@ def cpu_has_amx() -> bool:
 def break_even_density(kind: str, dtype: torch.dtype | None) -> tuple[float, str]:
     """The cost model's break-even density for a layer kind computing in ``dtype``, and what it assumed."""
     if dtype == torch.bfloat16:
-        isa = "amx" if cpu_has_amx() else "avx512"
-        return BREAK_EVEN_DENSITY_BF16[isa][kind], f"bfloat16, {'AMX' if isa == 'amx' else 'no AMX'}"
+        return BREAK_EVEN_DENSITY_BF16[kind], f"bfloat16{', AMX' if cpu_has_amx() else ''}"
     return BREAK_EVEN_DENSITY[kind], "float32"
+
+
 # The cost model runs a dense layer on its live channels when that removes at least this share of its
 # multiply-adds: below it, copying the live input channels and scattering the output may cost more than it
 # saves (policy="measure" times it instead).

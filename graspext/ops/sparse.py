@@ -9,6 +9,8 @@ pooling keep it too. A linear layer is the same product on a 1x1 image: its inpu
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -30,15 +32,28 @@ def _pair(value, name: str) -> tuple[int, int]:
     return value
 
 
+_warned_float16 = False
+
+
+def _warn_float16_autocast() -> None:
+    global _warned_float16
+    if not _warned_float16:
+        _warned_float16 = True
+        warnings.warn("graspext's CPU sparse kernels have no float16 path; under float16 autocast the sparse "
+                      "layers compute in float32 (use bfloat16 autocast on the CPU)", stacklevel=4)
+
+
 def _check_values(input: Tensor, values: Tensor, pattern) -> None:
     if values.shape != (pattern.nnz,):
         raise ValueError(f"values must have shape ({pattern.nnz},) (one per kept weight), got {tuple(values.shape)}")
     # bfloat16 images on the CPU multiply in float32 and read float32 values as they are. Under CUDA autocast
     # the op casts float32 values to the input's dtype (its AutocastCUDA kernel).
     cpu_bfloat16 = input.device.type == "cpu" and input.dtype == torch.bfloat16
-    cuda_autocast = (input.device.type == "cuda" and input.dtype in (torch.float16, torch.bfloat16)
-                     and torch.is_autocast_enabled("cuda"))
-    if values.dtype != input.dtype and not (values.dtype == torch.float32 and (cpu_bfloat16 or cuda_autocast)):
+    half_autocast = input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type)
+    if (input.device.type == "cpu" and input.dtype in (torch.float16, torch.float32)
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16):
+        _warn_float16_autocast()
+    if values.dtype != input.dtype and not (values.dtype == torch.float32 and (cpu_bfloat16 or half_autocast)):
         raise TypeError(f"values has dtype {values.dtype} but input has {input.dtype}"
                         + ("; they must match (or values be float32)" if cpu_bfloat16 else "; they must match"))
 

@@ -331,7 +331,7 @@ def test_rejects_wrong_values():
 
 def test_rejects_integer_input_and_bad_geometry():
     x, values, p, b = _small()
-    with pytest.raises(RuntimeError, match="input must be float32 or float64"):
+    with pytest.raises(RuntimeError, match="input must be float32, float64 or bfloat16"):
         torch.ops.graspext.sparse_conv2d(x.long(), values.long(), *p.tensors(), None, list(p.weight_shape),
                                          [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="smaller than the kernel"):

@@ -403,8 +403,8 @@ at::Tensor sparse_linear_cpu(const at::Tensor& input, const at::Tensor& values, 
 
 // Autocast on the CPU. bfloat16: float32 images are cast to bfloat16 and the float32 values and bias are read
 // as they are (the kernels multiply in float32), so autograd gives float32 weights float32 gradients without a
-// cast of the weights; float64 stays float64. float16 (which the CPU kernels lack): everything in float32,
-// with a warning, rather than a silent change of precision.
+// cast of the weights; float64 stays float64. float16 (which the CPU kernels lack): everything in float32 (the
+// Python wrappers warn once), rather than a silent change of precision.
 struct CpuAutocastCasts {
   at::Tensor input, values;
   std::optional<at::Tensor> bias;
@@ -414,9 +414,9 @@ CpuAutocastCasts cpu_autocast_casts(const at::Tensor& input, const at::Tensor& v
                                     const std::optional<at::Tensor>& bias) {
   const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(c10::DeviceType::CPU);
   if (dtype == at::kBFloat16) return {at::autocast::cached_cast(dtype, input, c10::DeviceType::CPU), values, bias};
-  TORCH_WARN_ONCE("graspext's CPU sparse kernels have no ", dtype, " path; under ", dtype,
-                  " autocast the sparse layers compute in float32 (use bfloat16 autocast on the CPU)");
-  const auto to_float = [](const at::Tensor& t) { return at::isReducedFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t; };
+  const auto to_float = [](const at::Tensor& t) {
+    return at::isReducedFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t;
+  };
   return {to_float(input), to_float(values), bias ? std::optional<at::Tensor>(to_float(*bias)) : std::nullopt};
 }
 
