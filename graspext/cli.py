@@ -68,7 +68,7 @@ def _train(args) -> int:
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=256, num_workers=args.workers)
     result = gx.train(model, train_loader, test_loader, masks=masks, epochs=args.epochs, lr=args.lr,
                       weight_decay=args.weight_decay, seed=args.seed, out_dir=args.out, resume=not args.restart,
-                      progress=not args.no_progress, kernels=args.kernels)
+                      progress=not args.no_progress, kernels=args.kernels, amp=args.amp or False)
     kind = f"{masks.sparsity():.1%} sparse" if masks is not None else "dense"
     print(f"{args.model} ({kind}) on the {args.data} data, {args.epochs} epochs: "
           f"best test accuracy {result.best_test_acc:.4f}, final {result.final_test_acc:.4f}")
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    t.add_argument("--amp", choices=["bf16", "fp16"],
+                   help="mixed precision: bf16 autocast (CPU or CUDA) or fp16 with loss scaling (CUDA)")
     t.add_argument("--kernels", default="auto", choices=["auto", "sparse", "dense"],
                    help="with --masks: sparse kernels (auto: where the device has them) or masked dense weights")
     _add_data_options(t)

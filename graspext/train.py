@@ -46,7 +46,9 @@ class TrainConfig:
     lr_milestones: tuple[float, ...] = (0.5, 0.75)   # fractions of the epochs
     lr_gamma: float = 0.1
     seed: int = 0
-    amp: bool = False                                 # CUDA only
+    # Mixed precision: False, "bf16" (torch.autocast in bfloat16, on the CPU or CUDA; float32 master weights, no
+    # loss scaling) or "fp16" (CUDA only, with a GradScaler); True means "fp16".
+    amp: bool | str = False
     device: str | None = None                         # default: the model's device
     out_dir: str | None = None                        # checkpoints and results; None keeps nothing
     resume: bool = True                               # continue from out_dir's checkpoint if present
@@ -74,6 +76,11 @@ class TrainConfig:
             raise ValueError(f"lr_milestones must be fractions of the run in (0, 1), got {self.lr_milestones}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.amp is True:
+            self.amp = "fp16"
+        if self.amp not in (False, None, "fp16", "bf16"):
+            raise ValueError(f"amp must be False, 'bf16' or 'fp16' (True), got {self.amp!r}")
+        self.amp = self.amp or False
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         from graspext.nn.convert import POLICIES
@@ -119,8 +126,9 @@ class Trainer:
         self.train_loader, self.test_loader = train_loader, test_loader
         device = self.config.device or next(model.parameters()).device
         self.device = torch.device(device)
-        if self.config.amp and self.device.type != "cuda":
-            raise ValueError(f"amp=True needs a CUDA device, but training runs on {self.device}")
+        if self.config.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"amp='fp16' needs a CUDA device, but training runs on {self.device}; "
+                             "use amp='bf16' on the CPU")
         if self.config.kernels == "sparse" and masks is None:
             raise ValueError("kernels='sparse' needs masks: a dense model has no sparse layers to compute")
 
@@ -159,10 +167,12 @@ class Trainer:
                     not torch.equal(saved_masks[n].cpu(), self.masks[n].cpu()) for n in saved_masks))):
             raise ValueError(f"checkpoint {path!r} was trained with other masks than the ones given; "
                              "use another out_dir or resume=False")
-        if state["config"]["epochs"] != self.config.epochs or state["config"]["seed"] != self.config.seed:
-            raise ValueError(f"checkpoint {path!r} belongs to a run with epochs={state['config']['epochs']}, "
-                             f"seed={state['config']['seed']}; this run has epochs={self.config.epochs}, "
-                             f"seed={self.config.seed}")
+        saved = {**asdict(TrainConfig()), **state["config"]}  # older checkpoints lack newer settings
+        changed = [k for k in ("epochs", "seed", "amp") if saved[k] != getattr(self.config, k)]
+        if changed:
+            raise ValueError(f"checkpoint {path!r} belongs to a run with "
+                             + ", ".join(f"{k}={saved[k]!r}" for k in changed) + "; this run has "
+                             + ", ".join(f"{k}={getattr(self.config, k)!r}" for k in changed))
         if state.get("sparse_kernels", False) != self.uses_sparse_kernels:
             # The optimizer's momentum is per kept weight on one path and per dense weight on the other.
             raise ValueError(f"checkpoint {path!r} was trained with kernels="
@@ -180,6 +190,11 @@ class Trainer:
         write_text(os.path.join(out, RESULTS_CSV), csv_text(history))
 
     # ------------------------------------------------------------------ loops
+    def _autocast(self):
+        amp = self.config.amp
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=bool(amp))
+
     def _run_epoch(self, epoch, optimizer, scaler, train: bool):
         loader = self.train_loader if train else self.test_loader
         self.model.train(train)
@@ -193,9 +208,9 @@ class Trainer:
         with torch.set_grad_enabled(train):
             for x, y in loader:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=self.config.amp):
+                with self._autocast():
                     out = self.model(x)
-                    loss = F.cross_entropy(out, y)
+                loss = F.cross_entropy(out.float(), y)
                 if train:
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
@@ -228,7 +243,8 @@ class Trainer:
         handle = None
         if sparse:
             # In place, so the caller's model is the one trained; densified again (in place) however fit ends.
-            sparsify(self.model, self.masks, inplace=True, policy=c.sparse_policy)
+            sparsify(self.model, self.masks, inplace=True, policy=c.sparse_policy,
+                     dtype=torch.bfloat16 if c.amp == "bf16" else None)
         elif self.masks is not None:
             handle = self.masks.apply_(self.model)
         try:
@@ -251,7 +267,7 @@ class Trainer:
                                     weight_decay=c.weight_decay)
         milestones = sorted({max(1, int(round(f * c.epochs))) for f in c.lr_milestones})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=c.lr_gamma)
-        scaler = torch.amp.GradScaler("cuda") if c.amp else None
+        scaler = torch.amp.GradScaler("cuda") if c.amp == "fp16" else None
         start_epoch, history, best = 0, [], -math.inf
         if c.out_dir:
             os.makedirs(c.out_dir, exist_ok=True)
@@ -284,6 +300,8 @@ class Trainer:
                 if c.out_dir:
                     self._save(epoch, optimizer, scheduler, scaler, history, best)
                     self._write_results(history)
+                    if self.uses_sparse_kernels:  # now with the dtype each layer ran in
+                        write_text(os.path.join(c.out_dir, SPARSITY_REPORT), format_sparsity_report(self.model) + "\n")
         finally:
             if writer is not None:
                 writer.close()

@@ -30,6 +30,10 @@ def test_train_command_with_masks_and_resume(tmp_path, capsys):
     assert main(args) == 0
     assert "90.0% sparse" in capsys.readouterr().out
     assert (out / "summary.json").exists() and (out / "checkpoint.pt").exists()
+    bf16 = tmp_path / "bf16"
+    assert main([*args[:-3], "--out", str(bf16), "--no-progress", "--amp", "bf16"]) == 0
+    assert json.loads((bf16 / "summary.json").read_text())["config"]["amp"] == "bf16"
+    assert "bfloat16" in (bf16 / "sparsity_report.txt").read_text()
     assert main(["train", "--model", "resnet20", "--masks", str(masks), "--epochs", "1", "--no-progress"]) == 2
     assert "is not a parameter of the model" in capsys.readouterr().err
 
@@ -99,8 +103,8 @@ def test_demo_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     for method in ("grasp", "snip", "synflow", "random"):
         assert f"| {method} | 0.9 | 1 |" in printed
-    assert "training step at batch 128: dense" in printed
+    assert "training step at batch 128: dense" in printed and "under bfloat16 autocast: dense (channels_last)" in printed
     timing = json.loads((out / "demo.json").read_text())["timing"]
-    assert timing["dense_step_s"] > 0 and timing["pruned_step_s"] > 0
+    assert timing["dense_step_s"] > 0 and timing["pruned_step_s"] > 0 and timing["pruned_bf16_step_s"] > 0
     assert (out / "report" / "accuracy_vs_sparsity.png").stat().st_size > 2000
     assert (out / "demo.txt").read_text().startswith("graspext demo: resnet20")

@@ -91,6 +91,36 @@ def test_cuda_amp_keeps_masks_and_resumes_after_kill(tmp_path, monkeypatch, kern
     assert torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["scaler"]["scale"] > 0
 
 
+def test_cpu_bf16_amp_tracks_float32_keeps_masks_and_resumes_after_kill(tmp_path):
+    """amp="bf16" on the CPU: the sparse layers compute in bfloat16 (the report says so), the loss curve tracks
+    the float32 run's, pruned weights stay exactly zero, and a run killed in epoch three resumes bit for bit."""
+    config = {**CFG, "amp": "bf16", "kernels": "sparse", "sparse_policy": "sparse"}
+    full, full_state, resumed, resumed_state, masks = _kill_and_resume(tmp_path, config)
+    assert _metrics(resumed.history) == _metrics(full.history)
+    for k, v in resumed_state.items():
+        assert torch.equal(v, full_state[k]), k
+    for name, mask in masks.items():
+        assert not resumed_state[name][~mask].any(), name
+    report = open(tmp_path / "full" / "sparsity_report.txt").read()
+    assert "bfloat16" in report and "float32 " not in report, report
+
+    model, masks = _model_and_masks()
+    fp32 = gx.train(model, *_loaders(), masks=masks, **{**config, "amp": False})
+    # Stated bound: each epoch's mean training loss within 5 % (plus 0.02) of the float32 run's; bfloat16
+    # rounds activations to 8 significant bits, so the curves drift apart slowly, not at once.
+    for ours, ref in zip(full.history, fp32.history):
+        assert abs(ours["train_loss"] - ref["train_loss"]) <= 0.05 * ref["train_loss"] + 0.02, (ours, ref)
+    assert full.history[-1]["train_loss"] < full.history[0]["train_loss"]
+
+
+def test_resume_refuses_a_changed_precision(tmp_path):
+    model, masks = _model_and_masks()
+    gx.train(model, *_loaders(), masks=masks, out_dir=str(tmp_path), **{**CFG, "epochs": 1})
+    model, masks = _model_and_masks()
+    with pytest.raises(ValueError, match="amp=False; this run has amp='bf16'"):
+        gx.train(model, *_loaders(), masks=masks, out_dir=str(tmp_path), **{**CFG, "epochs": 1, "amp": "bf16"})
+
+
 def test_deterministic_masks_enforced_and_results_written(tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -118,7 +148,9 @@ def test_bad_input(tmp_path):
         gx.TrainConfig(lr_milestones=(50, 75))
     with pytest.raises(TypeError, match="valid training options"):
         gx.train(model, *_loaders(), epoch=3)
-    with pytest.raises(ValueError, match="amp=True needs a CUDA device"):
+    with pytest.raises(ValueError, match="amp must be False, 'bf16' or 'fp16'"):
+        gx.TrainConfig(amp="bfloat16")
+    with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device"):
         gx.Trainer(model, *_loaders(), gx.TrainConfig(amp=True))
     with pytest.raises(ValueError, match="is not a parameter of the model"):
         gx.Trainer(gx.models.resnet20(), *_loaders(), gx.TrainConfig(), masks)

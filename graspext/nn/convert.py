@@ -135,6 +135,7 @@ def _time_modes(layer: nn.Module, input_shape: torch.Size, dtype: torch.dtype | 
         results[mode] = _median_ms(step, x.device)
     layer.mode = saved
     layer.zero_grad(set_to_none=True)
+    layer.computed_dtype = None  # timing runs are not training: the report shows what training ran in
     return results
 
 

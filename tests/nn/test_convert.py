@@ -301,3 +301,45 @@ def test_measure_times_the_compact_mode_where_channels_are_dead():
     for r in sparsity_report(measured):
         if r.kind == "conv":
             assert "compact" in r.decision and "sparse" in r.decision and "dense" in r.decision
+
+
+# ---- bfloat16 autocast on the CPU ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_cls", [SmallVGG, SmallResNet])
+@pytest.mark.parametrize("policy", ["sparse", "compact", "dense"])
+def test_bf16_autocast_matches_the_masked_dense_model(model_cls, policy):
+    """Every mode under CPU bfloat16 autocast computes in bfloat16 (the report says so) and stays close to
+    the masked dense model under the same autocast; float32 parameters get float32 gradients."""
+    model, masks = _pruned(model_cls)
+    model = model.float()
+    sparse = gx.sparsify(model, masks, policy=policy, dtype=torch.bfloat16)
+    dense = copy.deepcopy(model).train()
+    with torch.no_grad():
+        for name, mask in masks.items():
+            dense.get_submodule(name.rpartition(".")[0]).weight.mul_(mask)
+    x = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ys, yd = sparse(x), dense(x)
+    # bfloat16 keeps 8 significant bits: both sides round differently at every layer.
+    torch.testing.assert_close(ys.float(), yd.float(), rtol=0.1, atol=0.1 * yd.float().abs().max().item())
+    ys.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in sparse.parameters() if p.grad is not None)
+    assert {r.dtype for r in sparsity_report(sparse)} == {"bfloat16"}
+    assert "bfloat16" in format_sparsity_report(sparse)
+
+
+def test_bf16_cost_model_and_measure():
+    model, masks = _pruned(SmallVGG, sparsity=0.8)
+    model = model.float()
+    auto = gx.sparsify(model, masks, dtype=torch.bfloat16)
+    for row in sparsity_report(auto):
+        assert "bfloat16" in row.decision, row
+        limit = gx.nn.convert.BREAK_EVEN_DENSITY_BF16[row.kind]
+        assert (row.mode == "sparse") == (row.density < limit), row
+    measured = gx.sparsify(model, masks, policy="measure", example_input=torch.randn(8, 3, 8, 8),
+                           dtype=torch.bfloat16)
+    assert all("measured fwd+bwd, bfloat16 autocast" in r.decision for r in sparsity_report(measured))
+    assert all(r.dtype is None for r in sparsity_report(measured))  # not run yet
+    with pytest.raises(ValueError, match="dtype must be None .* or torch.bfloat16"):
+        gx.sparsify(model, masks, dtype=torch.float16)
