@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from graspext.ops.batch_norm import batch_norm_relu
 
-_FUSED_DTYPES = (torch.float32, torch.float64)
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # bfloat16: float32 statistics and parameters
 
 
 def is_batch_innermost(x: Tensor) -> bool:
@@ -120,7 +120,10 @@ class BatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        rows = _as_rows(x) if batch_stats and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES else None
+        params = self.weight.dtype if self.weight is not None else x.dtype
+        fused = (batch_stats and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES
+                 and (params == x.dtype or (x.dtype == torch.bfloat16 and params == torch.float32)))
+        rows = _as_rows(x) if fused else None
         res_rows = None
         if rows is not None and residual is not None:
             res_rows = _as_rows(residual) if residual.shape == x.shape and residual.dtype == x.dtype else None

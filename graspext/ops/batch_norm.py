@@ -49,6 +49,9 @@ def _setup_context(ctx, inputs, output):
     # modify it in place (as a ResNet block does with `out += identity`), as after torch's batch_norm.
     ctx.save_for_backward(input, out if relu else None, weight, mean, var)
     ctx.eps, ctx.relu = eps, relu
+    # bfloat16 input gives float32 parameter gradients (the kernel's accumulation): cast to each parameter's dtype.
+    ctx.weight_dtype = weight.dtype if weight is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.mark_non_differentiable(mean, var)
 
 
@@ -60,8 +63,8 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     )
     return (
         grad_input if needs[0] else None,
-        grad_weight if needs[1] else None,
-        grad_bias if needs[2] else None,
+        grad_weight.to(ctx.weight_dtype) if needs[1] else None,
+        grad_bias.to(ctx.bias_dtype) if needs[2] else None,
         grad_residual if needs[3] else None,
         None,
         None,
@@ -69,20 +72,26 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
 
 
 torch.library.register_autograd("graspext::batch_norm_relu", _backward, setup_context=_setup_context)
-# Statistics in float32 under autocast, as torch's own batch_norm (the kernel has no half-precision path).
-for _device in ("cpu", "cuda"):
-    torch.library.register_autocast("graspext::batch_norm_relu", _device, torch.float32)
+# Under autocast the op runs on its input as it comes, as torch's own batch_norm: bfloat16 activations (from
+# autocast's convolutions or the bfloat16 sparse kernels) with float32 statistics and parameters.
+
+
+def _stats_dtype(input: Tensor) -> torch.dtype:
+    return torch.float32 if input.dtype == torch.bfloat16 else input.dtype
 
 
 @torch.library.register_fake("graspext::batch_norm_relu")
 def _(input, weight, bias, residual, eps, relu):
     torch._check(input.dim() == 3, lambda: "input must be 3-D [P, C, L]")
     channels = input.shape[1]
-    return torch.empty_like(input), input.new_empty((channels,)), input.new_empty((channels,))
+    stats = _stats_dtype(input)
+    return torch.empty_like(input), input.new_empty((channels,), dtype=stats), input.new_empty((channels,), dtype=stats)
 
 
 @torch.library.register_fake("graspext::batch_norm_relu_backward")
 def _(grad_out, input, out, weight, mean, var, eps, relu, residual_grad):
     channels = input.shape[1]
     grad_residual = torch.empty_like(input) if residual_grad else input.new_empty((0,))
-    return torch.empty_like(input), input.new_empty((channels,)), input.new_empty((channels,)), grad_residual
+    stats = _stats_dtype(input)
+    return (torch.empty_like(input), input.new_empty((channels,), dtype=stats),
+            input.new_empty((channels,), dtype=stats), grad_residual)

@@ -150,7 +150,7 @@ def test_rejects_bad_input():
         ops.batch_norm_relu(torch.randn(1, 3, 1), None, None)
     with pytest.raises(RuntimeError, match="weight has dtype"):
         ops.batch_norm_relu(x, torch.ones(3, dtype=torch.float64), None)
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+    with pytest.raises(RuntimeError, match="float32, float64 or bfloat16, got Half"):
         ops.batch_norm_relu(x.half(), None, None)
     with pytest.raises(RuntimeError, match="eps must be"):
         ops.batch_norm_relu(x, None, None, -1.0)
@@ -158,3 +158,46 @@ def test_rejects_bad_input():
         ops.batch_norm_relu(x, None, None, 1e-5, True, x[:2])
     with pytest.raises(RuntimeError, match="residual must match"):
         ops.batch_norm_relu(x, None, None, 1e-5, True, x.double())
+
+
+def _within_bf16_rounding(actual, reference, what):
+    """One rounding to bfloat16 (relative 2^-8) of a value computed in float32 (a floor of 1e-4 of the scale)."""
+    err = (actual.double() - reference).abs()
+    bound = 2.0**-8 * reference.abs() + 1e-4 * reference.abs().max()
+    assert bool((err <= bound).all()), f"{what}: error {err.max().item():.3g} exceeds the bfloat16 rounding bound"
+
+
+@pytest.mark.parametrize("shape", [(64, 16, 128), (9, 5, 37), (4, 3, 2), (1, 7, 130)])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+def test_bfloat16_input_float32_statistics(shape, relu, residual):
+    """bfloat16 activations (as under CPU autocast) with float32 parameters: float32 statistics and parameter
+    gradients, bfloat16 output and input gradients each within one rounding of the float64 reference."""
+    g = torch.Generator().manual_seed(3)
+    c = shape[1]
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + 1).to(torch.bfloat16)
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    shortcut = torch.randn(*shape, generator=g).to(torch.bfloat16) if residual else None
+    xs, ws, bs, rs = (_leaf(t) for t in (x, w, b, shortcut))
+    y, mean, var = ops.batch_norm_relu(xs, ws, bs, 1e-5, relu, rs)
+    assert y.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32
+    xr, wr, br, rr = (_leaf(t.double()) if t is not None else None for t in (x, w, b, shortcut))
+    yr = _reference(xr, wr, br, 1e-5, relu, rr)
+    _within_bf16_rounding(y, yr.detach(), "output")
+    torch.testing.assert_close(mean.double(), x.double().mean((0, 2)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), x.double().var((0, 2), unbiased=False), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(y.shape, generator=g).to(torch.bfloat16)
+    y.backward(grad)
+    yr.backward(grad.double())
+    assert xs.grad.dtype == torch.bfloat16 and ws.grad.dtype == bs.grad.dtype == torch.float32
+    _within_bf16_rounding(xs.grad, xr.grad, "input gradient")
+    torch.testing.assert_close(ws.grad.double(), wr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bs.grad.double(), br.grad, rtol=1e-4, atol=1e-4)
+    if residual:
+        assert torch.equal(rs.grad.double(), rr.grad if not relu else rr.grad.to(torch.bfloat16).double())
+
+
+def test_bfloat16_rejects_float64_parameters():
+    x = torch.randn(4, 3, 8).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="weight has dtype Double but input has BFloat16"):
+        ops.batch_norm_relu(x, torch.ones(3, dtype=torch.float64), None)
