@@ -28,10 +28,12 @@ POLICIES = ("auto", "sparse", "dense", "compact", "measure")
 # CPU (benchmarks/RESULTS.md): sparse time grows about linearly with density, dense time is flat.
 BREAK_EVEN_DENSITY = {"conv": 0.25, "linear": 0.08}
 # The same under CPU bfloat16 autocast, where the kernels read bfloat16 activations and dense oneDNN runs its
-# bfloat16 kernels (channels_last): measured on an AVX512-BF16 CPU without AMX (benchmarks/RESULTS.md). Dense
-# bfloat16 ran 1.9-2.0x faster than float32 there, as on the AMX CPU of issue 12's table (1142 -> 610 ms for
-# VGG19), so one table serves both; policy="measure" times the candidates on any other CPU.
-BREAK_EVEN_DENSITY_BF16 = {"conv": 0.2, "linear": 0.08}
+# bfloat16 kernels (channels_last), measured on an AVX512-BF16 CPU without AMX (benchmarks/RESULTS.md). Per
+# layer the break-even falls to 0.18-0.3; for whole networks 0.25 trains faster than 0.2 (ResNet32 at 98 %:
+# 180-210 against 269-307 ms a step), since every dense layer between sparse ones adds layout conversions and
+# mixed-layout residual sums. Dense bfloat16 ran 1.9-2.0x faster than float32 there, as on the AMX CPU of
+# issue 12's table (1142 -> 610 ms for VGG19); policy="measure" times the candidates on any other CPU.
+BREAK_EVEN_DENSITY_BF16 = {"conv": 0.25, "linear": 0.08}
 
 
 def cpu_has_amx() -> bool:

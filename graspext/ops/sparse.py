@@ -91,7 +91,8 @@ def sparse_linear(input: Tensor, values: Tensor, pattern, bias: Tensor | None = 
 
 
 def cpu_isa(isa: str = "") -> str:
-    """The CPU instruction set of the sparse kernels ("avx512", "avx2" or "baseline"); selects one if given."""
+    """The CPU instruction set of the sparse kernels ("avx512_bf16", "avx512", "avx2" or "baseline"); selects one
+    if given."""
     return _ops.sparse_cpu_isa(isa)
 
 

@@ -13,7 +13,7 @@ from graspext.nn.layout import is_batch_innermost, to_batch_innermost
 from graspext.nn.pattern import SparsePattern
 from tests.conftest import hypothesis_settings
 
-ISAS = ["avx512", "avx2", "baseline"]
+ISAS = ["avx512_bf16", "avx512", "avx2", "baseline"]
 
 
 def _supported_isas():

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from graspext import ops
 from graspext.nn.pattern import SparsePattern
 from tests.conftest import hypothesis_settings
-from tests.ops.test_sparse_conv2d import CASES, CONV_PROBLEMS, SUPPORTED, _case, _using_isa, conv_problem
+from tests.ops.test_sparse_conv2d import CASES, CONV_PROBLEMS, ISAS, SUPPORTED, _case, _using_isa, conv_problem
 
 U32 = 2.0**-24
 U_BF16 = 2.0**-8
@@ -79,7 +79,7 @@ def _check_bf16_conv(x, weight, b, mask, stride, padding, values_dtype=torch.flo
                        "bias gradient")
 
 
-@pytest.fixture(params=["avx512", "avx2", "baseline"])
+@pytest.fixture(params=ISAS)
 def isa(request):
     if request.param not in SUPPORTED:
         pytest.skip(f"this CPU does not run {request.param}")

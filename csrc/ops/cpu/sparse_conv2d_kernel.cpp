@@ -28,8 +28,10 @@ bool cpu_supports(const SparseConvKernels* k) {
 #if defined(__x86_64__) && defined(__GNUC__)
   const std::string isa = k->isa;
   // GCC's checks also require the OS to save the wider registers (XCR0), not only the CPUID bits.
-  if (isa == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                              __builtin_cpu_supports("avx512vl");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vl");
+  if (isa == "avx512_bf16") return avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+  if (isa == "avx512") return avx512;
   if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
   return true;
@@ -37,7 +39,8 @@ bool cpu_supports(const SparseConvKernels* k) {
 
 std::vector<const SparseConvKernels*> supported_kernels() {  // best first
   std::vector<const SparseConvKernels*> out;
-  for (const auto* k : {cpu::avx512_kernels(), cpu::avx2_kernels(), cpu::baseline_kernels()}) {
+  for (const auto* k :
+       {cpu::avx512_bf16_kernels(), cpu::avx512_kernels(), cpu::avx2_kernels(), cpu::baseline_kernels()}) {
     if (cpu_supports(k)) out.push_back(k);
   }
   return out;
@@ -460,8 +463,8 @@ TORCH_LIBRARY_IMPL(graspext, CPU, m) {
   m.impl("sparse_conv2d_backward_weight", &sparse_conv2d_backward_weight_cpu);
 }
 
-// The instruction set the CPU kernels use: returns the active one; a non-empty `isa` ("avx512", "avx2",
-// "baseline") selects it first, so that tests and benchmarks can run every code path on one machine.
+// The instruction set the CPU kernels use: returns the active one; a non-empty `isa` ("avx512_bf16", "avx512",
+// "avx2", "baseline") selects it first, so that tests and benchmarks can run every code path on one machine.
 TORCH_LIBRARY_FRAGMENT(graspext, m) { m.def("sparse_cpu_isa(str isa=\"\") -> str", &sparse_cpu_isa); }
 
 }  // namespace graspext::ops

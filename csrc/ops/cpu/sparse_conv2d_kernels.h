@@ -124,6 +124,7 @@ struct SparseConvKernels {
 };
 
 // Each returns null when this build or CPU architecture has no such code path.
+const SparseConvKernels* avx512_bf16_kernels();
 const SparseConvKernels* avx512_kernels();
 const SparseConvKernels* avx2_kernels();
 const SparseConvKernels* baseline_kernels();

@@ -36,13 +36,23 @@ struct Vec {
   static inline type splat(T x) { return type{} + x; }
   static inline type fma(type a, type b, type c) { return GRASPEXT_FMA(a, b, c); }
   static inline type add(type a, type b) { return a + b; }
-  // A dot product's partial sums over the batch, as the weight gradient keeps them between tiles.
-  static inline type fold(type v) { return v; }
   static inline T sum(type v) {
     T s = 0;
     for (int i = 0; i < kWidth; ++i) s += v[i];
     return s;
   }
+
+  // Dot products over the batch (the weight gradient): both operands are loaded as `held` vectors
+  // (kHeldRegisters registers each) and multiplied into a `dot_acc`, whose folded form (a vector of the
+  // compute type) is the partial sum kept between tiles.
+  static constexpr int kHeldRegisters = 1;
+  static constexpr int kDotRegisters = 1;
+  using held = type;
+  using dot_acc = type;
+  static inline held hold(const T* p) { return load(p); }
+  static inline held hold_first(const T* p, int n) { return load_first(p, n); }
+  static inline dot_acc dot(dot_acc acc, held a, held b) { return fma(a, b, acc); }
+  static inline type fold(dot_acc v) { return v; }
 };
 
 // bfloat16 images: one vector is a register of bfloat16 values (twice the float32 count, so one cache line
@@ -87,9 +97,35 @@ struct Vec<Bf16> {
   static inline type splat(float x) { return {F::splat(x), F::splat(x)}; }
   static inline type fma(type a, type b, type c) { return {F::fma(a.even, b.even, c.even), F::fma(a.odd, b.odd, c.odd)}; }
   static inline type add(type a, type b) { return {a.even + b.even, a.odd + b.odd}; }
+  static inline float sum(type v) { return F::sum(v.even + v.odd); }
+
+#ifdef GRASPEXT_DPBF16
+  // vdpbf16ps multiplies the bfloat16 pairs of two words and adds both products into a float32 lane: pairs
+  // along the batch, exactly what a dot product over the batch needs, so nothing is widened. (Like the
+  // instruction, it treats denormal inputs and results as zero.)
+  static constexpr int kHeldRegisters = 1;
+  static constexpr int kDotRegisters = 1;
+  using held = words;
+  using dot_acc = F::type;
+  static inline held hold(const Bf16* p) { return *reinterpret_cast<const words_unaligned*>(p); }
+  static inline held hold_first(const Bf16* p, int n) {
+    alignas(64) Bf16 tmp[kWidth] = {};
+    for (int i = 0; i < n; ++i) tmp[i] = p[i];
+    return hold(tmp);
+  }
+  static inline dot_acc dot(dot_acc acc, held a, held b) { return GRASPEXT_DPBF16(acc, a, b); }
+  static inline F::type fold(dot_acc v) { return v; }
+#else
+  static constexpr int kHeldRegisters = 2;
+  static constexpr int kDotRegisters = 2;
+  using held = type;
+  using dot_acc = type;
+  static inline held hold(const Bf16* p) { return load(p); }
+  static inline held hold_first(const Bf16* p, int n) { return load_first(p, n); }
+  static inline dot_acc dot(dot_acc acc, held a, held b) { return fma(a, b, acc); }
   // Even and odd samples add up alike: a partial sum needs one register, not two.
-  static inline F::type fold(type v) { return v.even + v.odd; }
-  static inline float sum(type v) { return F::sum(fold(v)); }
+  static inline F::type fold(dot_acc v) { return v.even + v.odd; }
+#endif
 };
 
 // Accumulator registers of a tile; a tile of T holds kAccumulators / Vec<T>::kRegisters vectors.
@@ -122,6 +158,13 @@ inline typename Vec<T>::type load_block(const T* p, int b, BatchTile t) {
   using V = Vec<T>;
   if (kFull || b < t.nvec - 1 || t.lanes == V::kWidth) return V::load(p + b * V::kWidth);
   return V::load_first(p + b * V::kWidth, t.lanes);
+}
+
+template <typename T, bool kFull>
+inline typename Vec<T>::held hold_block(const T* p, int b, BatchTile t) {
+  using V = Vec<T>;
+  if (kFull || b < t.nvec - 1 || t.lanes == V::kWidth) return V::hold(p + b * V::kWidth);
+  return V::hold_first(p + b * V::kWidth, t.lanes);
 }
 
 template <typename T, bool kFull>
@@ -295,10 +338,10 @@ inline void with_positions(int64_t width, Kernel& kernel) {
   kernel.template run<1, kVecs>();
 }
 
-template <typename T, typename Kernel>
+// R: the vectors a tile may hold (the accumulator registers over the registers per vector).
+template <typename T, int R, typename Kernel>
 inline void with_tile(int64_t batch, int64_t width, Kernel&& kernel) {
   constexpr int W = Vec<T>::kWidth;
-  constexpr int R = kAccumulators / Vec<T>::kRegisters;
   const int64_t vectors = (batch + W - 1) / W;
   if (vectors >= R) {
     with_positions<R, R>(width, kernel);
@@ -327,7 +370,7 @@ struct GatherLauncher {
 template <typename T>
 void gather(const GatherConvArgs<T>& a, CacheBlocking blk, int64_t item_begin, int64_t item_end,
             TapScratch<T> taps) {
-  with_tile<T>(min64(a.batch, blk.batch_chunk), min64(a.dst_w, blk.x_block),
+  with_tile<T, kAccumulators / Vec<T>::kRegisters>(min64(a.batch, blk.batch_chunk), min64(a.dst_w, blk.x_block),
                GatherLauncher<T>{a, blk, item_begin, item_end, taps});
 }
 
@@ -338,25 +381,26 @@ inline void sddmm_tile(const T* go, int64_t go_pixel, const T* in, int64_t in_pi
                        int64_t ntaps, const int32_t* col_map, int64_t out_w, int64_t x0, int npos, int64_t step,
                        BatchTile bt, typename Vec<compute_t<T>>::type* partial, bool single_pass) {
   using V = Vec<T>;
-  using v_t = typename V::type;
-  constexpr int kMaxAcc = 4 / Vec<T>::kRegisters;
+  using h_t = typename V::held;
+  using a_t = typename V::dot_acc;
+  constexpr int kMaxAcc = 4 / V::kDotRegisters;
   constexpr int kAcc = kVecs < kMaxAcc ? kVecs : kMaxAcc;
   // The grad_output tile stays in registers while every tap of the row streams its input pixels past it.
-  v_t g[kPos][kVecs];
+  h_t g[kPos][kVecs];
 #pragma GCC unroll 16
   for (int p = 0; p < kPos; ++p)
 #pragma GCC unroll 16
     for (int b = 0; b < kVecs; ++b) {
-      g[p][b] = V::splat(compute_t<T>(0));
-      if (p < npos && (kFull || b < bt.nvec)) g[p][b] = load_block<T, kFull>(go + (x0 + p) * go_pixel, b, bt);
+      g[p][b] = h_t{};
+      if (p < npos && (kFull || b < bt.nvec)) g[p][b] = hold_block<T, kFull>(go + (x0 + p) * go_pixel, b, bt);
     }
 
   for (int64_t j = 0; j < ntaps; ++j) {
     const T* in_row = in + taps.offset[j];
     const int32_t* cmap = col_map + static_cast<int64_t>(taps.col[j]) * out_w + x0;
-    v_t acc[kAcc];
+    a_t acc[kAcc];
 #pragma GCC unroll 16
-    for (int b = 0; b < kAcc; ++b) acc[b] = V::splat(compute_t<T>(0));
+    for (int b = 0; b < kAcc; ++b) acc[b] = a_t{};
 #pragma GCC unroll 16
     for (int p = 0; p < kPos; ++p) {
       if (!kInterior && p >= npos) break;
@@ -364,17 +408,17 @@ inline void sddmm_tile(const T* go, int64_t go_pixel, const T* in, int64_t in_pi
 #pragma GCC unroll 16
       for (int b = 0; b < kVecs; ++b) {
         if (!kFull && b >= bt.nvec) break;
-        acc[b % kAcc] = V::fma(g[p][b], load_block<T, kFull>(px, b, bt), acc[b % kAcc]);
+        acc[b % kAcc] = V::dot(acc[b % kAcc], g[p][b], hold_block<T, kFull>(px, b, bt));
       }
     }
-    v_t total = acc[0];
+    auto total = V::fold(acc[0]);
 #pragma GCC unroll 16
-    for (int b = 1; b < kAcc; ++b) total = V::add(total, acc[b]);
+    for (int b = 1; b < kAcc; ++b) total += V::fold(acc[b]);
     const int64_t e = taps.entry ? taps.entry[j] : j;
     if (single_pass) {
-      reinterpret_cast<compute_t<T>*>(partial)[e] = V::sum(total);
+      reinterpret_cast<compute_t<T>*>(partial)[e] = Vec<compute_t<T>>::sum(total);
     } else {
-      partial[e] += V::fold(total);
+      partial[e] += total;
     }
   }
 }
@@ -468,7 +512,7 @@ struct SddmmLauncher {
 template <typename T>
 void sddmm(const SddmmConvArgs<T>& a, CacheBlocking blk, int64_t row_begin, int64_t row_end, TapScratch<T> taps,
            compute_t<T>* partial) {
-  with_tile<T>(min64(a.batch, blk.batch_chunk), min64(a.out_w, blk.x_block),
+  with_tile<T, kAccumulators / Vec<T>::kHeldRegisters>(min64(a.batch, blk.batch_chunk), min64(a.out_w, blk.x_block),
                SddmmLauncher<T>{a, blk, row_begin, row_end, taps, partial});
 }
 
