@@ -144,22 +144,36 @@ def bf16_step_table(repeats: int, quick: bool) -> None:
         has_sparseprop = False
     rows = [("vgg19_bn", 0.98), ("resnet32_grasp", 0.98)] if quick else [
         ("vgg19_bn", 0.90), ("vgg19_bn", 0.95), ("vgg19_bn", 0.98), ("resnet32_grasp", 0.98)]
-    ms = lambda fn: 1e3 * median_seconds(fn, repeats)  # noqa: E731
     print("\n| model @ sparsity, batch 128 train step, ms | dense fp32 | dense bf16 autocast, channels_last | "
           "graspext fp32 | graspext bf16 autocast | SparseProp | graspext bf16 vs best dense | vs SparseProp |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    dense = {}
     for model_name, sparsity in rows:
-        if model_name not in dense:
-            dense[model_name] = (ms(StepCase(model_name, None).step),
-                                 ms(StepCase(model_name, None, amp=True, channels_last=True).step))
-        fp32_ms, bf16_ms = dense[model_name]
-        ours32 = ms(StepCase(model_name, sparsity).step)
-        ours16 = ms(StepCase(model_name, sparsity, amp=True).step)
-        peer = ms(StepCase(model_name, sparsity, library="sparseprop").step) if has_sparseprop else float("nan")
-        best = min(fp32_ms, bf16_ms)
-        print(f"| {model_name} @ {sparsity:.0%} | {fp32_ms:.0f} | {bf16_ms:.0f} | {ours32:.0f} | {ours16:.0f} | "
-              f"{peer:.0f} | {best / ours16:.2f}x | {peer / min(ours16, ours32):.2f}x |", flush=True)
+        cases = {"dense fp32": StepCase(model_name, None),
+                 "dense bf16": StepCase(model_name, None, amp=True, channels_last=True),
+                 "ours fp32": StepCase(model_name, sparsity), "ours bf16": StepCase(model_name, sparsity, amp=True)}
+        if has_sparseprop:
+            cases["sparseprop"] = StepCase(model_name, sparsity, library="sparseprop")
+        t = interleaved_medians({k: c.step for k, c in cases.items()}, repeats)
+        best = min(t["dense fp32"], t["dense bf16"])
+        peer = t.get("sparseprop", float("nan"))
+        print(f"| {model_name} @ {sparsity:.0%} | {t['dense fp32']:.0f} | {t['dense bf16']:.0f} | {t['ours fp32']:.0f} | "
+              f"{t['ours bf16']:.0f} | {peer:.0f} | {best / t['ours bf16']:.2f}x | "
+              f"{peer / min(t['ours bf16'], t['ours fp32']):.2f}x |", flush=True)
+
+
+def interleaved_medians(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds of each step, timed in turn (one call of each per round), so that a slow phase of a
+    noisy machine hits every configuration alike; each is warmed up first (allocator pools, oneDNN primitives)."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(1e3 * (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
