@@ -135,7 +135,7 @@ def bf16_step_table(repeats: int, quick: bool) -> None:
     """The train step against every configuration a CPU user would pick instead, side by side in one run:
     dense float32, dense bfloat16 autocast with channels_last (oneDNN/AMX), graspext in float32 and under
     bfloat16 autocast, and SparseProp (PyPI ``sparseprop``) on the same masked model."""
-    from sparse_workloads import StepCase
+    from sparse_workloads import MODELS, ConvCase, StepCase, conv_layers
 
     try:
         import sparseprop  # noqa: F401
@@ -154,11 +154,30 @@ def bf16_step_table(repeats: int, quick: bool) -> None:
         if has_sparseprop:
             cases["sparseprop"] = StepCase(model_name, sparsity, library="sparseprop")
         t = interleaved_medians({k: c.step for k, c in cases.items()}, repeats)
+        del cases
         best = min(t["dense fp32"], t["dense bf16"])
         peer = t.get("sparseprop", float("nan"))
         print(f"| {model_name} @ {sparsity:.0%} | {t['dense fp32']:.0f} | {t['dense bf16']:.0f} | {t['ours fp32']:.0f} | "
               f"{t['ours bf16']:.0f} | {peer:.0f} | {best / t['ours bf16']:.2f}x | "
               f"{peer / min(t['ours bf16'], t['ours fp32']):.2f}x |", flush=True)
+
+
+    if quick:
+        return
+    cores = torch.get_num_threads()
+    print(f"\n| layer fwd+bwd, batch 128 | sparsity | dense bf16 CL ms | sparse fp32 ms | sparse bf16 ms | "
+          f"fp32 GMAC/s/core | bf16 GMAC/s/core | bf16/fp32 | bf16 vs dense bf16 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for model_name in MODELS:
+        for key in conv_layers(model_name):
+            for sparsity in (0.95, 0.98):
+                case = ConvCase(model_name, key, sparsity)
+                t = interleaved_medians({"dense": case.dense_bf16, "fp32": case.sparse, "bf16": case.sparse_bf16},
+                                        repeats, warmup=1)
+                rate = {k: case.sparse_macs / (t[k] * 1e-3) / 1e9 / cores for k in ("fp32", "bf16")}
+                print(f"| {model_name} {key} | {sparsity:.0%} | {t['dense']:.1f} | {t['fp32']:.1f} | {t['bf16']:.1f} | "
+                      f"{rate['fp32']:.1f} | {rate['bf16']:.1f} | {t['fp32'] / t['bf16']:.2f}x | "
+                      f"{t['dense'] / t['bf16']:.2f}x |", flush=True)
 
 
 def interleaved_medians(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:

@@ -91,6 +91,17 @@ class ConvCase:
                                                 conv.padding, conv.dilation, conv.groups, self.weight.detach(), None,
                                                 mask, mode="compact")
         self.dead_channels = self.compact_layer.dead_channels
+        # bfloat16: the kernels on bfloat16 activations with the float32 values (as under CPU autocast), and
+        # dense torch under autocast in channels_last (oneDNN's bfloat16 path).
+        self.x_sparse_bf16 = self.x_sparse.detach().to(torch.bfloat16).requires_grad_(self.needs_input_grad)
+        self.grad_sparse_bf16 = self.grad_sparse.to(torch.bfloat16)
+        self.x_cl = self.x.detach().contiguous(memory_format=torch.channels_last)
+        self.x_cl.requires_grad_(self.needs_input_grad)
+        self.grad_cl = self.grad.contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
+        out_positions = self.grad.shape[0] * self.grad.shape[2] * self.grad.shape[3]
+        # Multiply-adds of a sparse forward+backward: forward, weight gradient and (but for the first layer)
+        # input gradient, one per kept weight and output position.
+        self.sparse_macs = (3 if self.needs_input_grad else 2) * self.pattern.nnz * out_positions
 
     def dense(self) -> None:
         self.x.grad = self.weight.grad = None  # a layer's gradients are fresh tensors in training too
@@ -104,6 +115,17 @@ class ConvCase:
         self.x_sparse.grad = self.values.grad = None
         gx.ops.sparse_conv2d(self.x_sparse, self.values, self.pattern, None, self.stride,
                              self.padding).backward(self.grad_sparse)
+
+    def sparse_bf16(self) -> None:
+        self.x_sparse_bf16.grad = self.values.grad = None
+        gx.ops.sparse_conv2d(self.x_sparse_bf16, self.values, self.pattern, None, self.stride,
+                             self.padding).backward(self.grad_sparse_bf16)
+
+    def dense_bf16(self) -> None:
+        self.x_cl.grad = self.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = F.conv2d(self.x_cl, self.weight, None, self.stride, self.padding)
+        y.backward(self.grad_cl)
 
 
 class LinearCase:

@@ -1,4 +1,5 @@
-"""Per-layer forward+backward: graspext's sparse kernels against dense torch (oneDNN/MKL), and for Linear
+"""Per-layer forward+backward: graspext's sparse kernels against dense torch (oneDNN/MKL), in float32 and
+bfloat16 (the kernels on bfloat16 activations; dense under CPU autocast in channels_last), and for Linear
 against torch.sparse CSR; every distinct conv of VGG19- and ResNet32-CIFAR at batch 128; and BatchNorm+ReLU,
 torch's modules against graspext's fused op, at VGG19's shapes.
 
@@ -14,7 +15,7 @@ CONVS = [(m, key) for m in MODELS for key in conv_layers(m)]
 
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 @pytest.mark.parametrize("model_name,key", CONVS, ids=[f"{m}:{k}" for m, k in CONVS])
-@pytest.mark.parametrize("impl", ["dense", "sparse"])
+@pytest.mark.parametrize("impl", ["dense", "sparse", "dense_bf16", "sparse_bf16"])
 def test_conv_layer(benchmark, model_name, key, sparsity, impl):
     case = ConvCase(model_name, key, sparsity)
     benchmark.group = f"conv {key} at {sparsity:.0%}"
