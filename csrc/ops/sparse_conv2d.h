@@ -35,7 +35,8 @@ void check_sparse_index(const at::Tensor& ptr, const at::Tensor& taps, const at:
 
 void check_values(const at::Tensor& values, const at::Tensor& like, const char* like_name);
 
-// A 4-D float32/float64 tensor on a device of type `device` (the backend checking it).
+// A 4-D float32, float64 or bfloat16 (CUDA also float16) tensor on a device of type `device` (the backend checking
+// it).
 void check_image(const at::Tensor& t, const char* name, c10::DeviceType device);
 
 // The argument checks of each op, shared by the backends; each returns the geometry.

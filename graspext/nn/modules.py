@@ -4,9 +4,9 @@ The trainable parameter is ``values`` (one entry per kept weight), so the optimi
 weight decay cost O(kept weights). The sparsity pattern lives in index buffers built once
 (:class:`~graspext.nn.pattern.SparsePattern`). Each layer runs in one of three modes:
 
-- ``"sparse"``: the graspext kernels (CPU, float32/float64; CUDA only with ``GRASPEXT_CUDA_SPARSE=1``, also
-  float16/bfloat16 and autocast: the CUDA kernels are correct but still slower than cuDNN for whole networks,
-  see benchmarks/RESULTS.md);
+- ``"sparse"``: the graspext kernels (CPU: float32, float64 and bfloat16, also under bfloat16 autocast; CUDA
+  only with ``GRASPEXT_CUDA_SPARSE=1``, also float16/bfloat16 and autocast: the CUDA kernels are correct but
+  still slower than cuDNN for whole networks, see benchmarks/RESULTS.md);
 - ``"dense"``: the dense torch kernel on the weight scattered from ``values`` -- for layers where dense is
   faster (``graspext.sparsify`` measures or estimates this per layer), and for inputs the kernels do not
   handle (CUDA unless enabled, other dtypes);

@@ -1,8 +1,8 @@
 // Sparse convolution kernels over a SIMD vector of GRASPEXT_VEC_BYTES bytes, compiled once per instruction
 // set by the files beside this one (see sparse_conv2d_kernels.h for what the products compute).
 //
-// The including file first defines GRASPEXT_ISA (the namespace), GRASPEXT_VEC_BYTES and GRASPEXT_FMA, then
-// switches the target with `#pragma GCC target`. No library header may be included after that: an inline
+// The including file first defines GRASPEXT_ISA (the namespace), GRASPEXT_VEC_BYTES and GRASPEXT_FMA (and
+// GRASPEXT_DPBF16, the bfloat16 pair dot product, where the ISA has one), then switches the target with `#pragma GCC target`. No library header may be included after that: an inline
 // library function instantiated here could be emitted with, say, AVX-512 instructions and then be picked
 // by the linker for every caller, which would crash CPUs without them. Everything below is in a namespace
 // of its own per instruction set for the same reason.
@@ -10,7 +10,8 @@
 // Register tiles: kPos consecutive output positions times kVecs vectors of the batch. A pixel of one
 // channel is `batch` contiguous values (the next column's are `pixel` elements on), so a tile as wide as the
 // batch reads whole cache lines and no line is fetched twice; the position count then fills the register
-// file (accumulators: 16 of AVX-512's 32 registers, 8 of the 16 that AVX2 and SSE have).
+// file (accumulators: 16 of AVX-512's 32 registers, 8 of the 16 that AVX2 and SSE have). A bfloat16 vector
+// widens to two float32 registers, so its tiles hold half as many vectors (of twice the samples).
 
 namespace graspext::cpu::GRASPEXT_ISA {
 
