@@ -223,6 +223,8 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
         for layer, following in zip(layers, layers[1:]):
             layer.emit_batch_innermost = (isinstance(layer, SparseConv2d) and layer.mode != "sparse"
                                           and following.mode == "sparse")
+            layer.dense_channels_last = (dtype == torch.bfloat16 and isinstance(layer, SparseConv2d)
+                                         and layer.mode != "sparse" and not layer.emit_batch_innermost)
         for name, module in list(out.named_modules()):
             converted = to_layout_module(module)
             if converted is not module:
