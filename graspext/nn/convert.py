@@ -182,7 +182,7 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
         filter_fn: ``filter_fn(module, name) -> bool`` to leave some masked layers alone.
         dtype: the dtype the model will train in, for the cost model and ``"measure"``: ``None`` for the
             weights' dtype, ``torch.bfloat16`` for ``torch.autocast("cpu", torch.bfloat16)`` (the choice
-            between sparse and dense shifts there, and again with AMX).
+            between sparse and dense shifts there; "measure" times the candidates under that autocast).
 
     Returns the converted model; ``sparsity_report(model)`` lists each layer's density and choice.
     """

@@ -126,8 +126,8 @@ def _backward(ctx, grad_output):
             grad_output, input, row_ptr, row_taps, ctx.weight_shape, ctx.stride, ctx.padding
         ).to(ctx.values_dtype)
     if ctx.has_bias and ctx.needs_input_grad[7]:
-        accumulate = torch.float32 if grad_output.dtype in (torch.float16, torch.bfloat16) else grad_output.dtype
-        grad_bias = grad_output.sum((0, 2, 3), dtype=accumulate).to(ctx.bias_dtype)
+        half = grad_output.dtype in (torch.float16, torch.bfloat16)  # summed in float32
+        grad_bias = grad_output.sum((0, 2, 3), dtype=torch.float32 if half else None).to(ctx.bias_dtype)
     return grad_input, grad_values, None, None, None, None, None, grad_bias, None, None, None
 
 
