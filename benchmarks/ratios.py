@@ -165,8 +165,8 @@ def bf16_step_table(repeats: int, quick: bool) -> None:
     if quick:
         return
     cores = torch.get_num_threads()
-    print(f"\n| layer fwd+bwd, batch 128 | sparsity | dense bf16 CL ms | sparse fp32 ms | sparse bf16 ms | "
-          f"fp32 GMAC/s/core | bf16 GMAC/s/core | bf16/fp32 | bf16 vs dense bf16 |")
+    print("\n| layer fwd+bwd, batch 128 | sparsity | dense bf16 CL ms | sparse fp32 ms | sparse bf16 ms | "
+          "fp32 GMAC/s/core | bf16 GMAC/s/core | bf16/fp32 | bf16 vs dense bf16 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for model_name in MODELS:
         for key in conv_layers(model_name):

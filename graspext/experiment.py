@@ -182,8 +182,8 @@ def demo(out_dir: str, *, model: str = "vgg11_bn", sparsity: float = 0.98, epoch
              f"{epochs} epochs each", "", table.rstrip(), "",
              f"training step at batch 128: dense {1000 * dense_s:.0f} ms, pruned {1000 * pruned_s:.0f} ms "
              f"({timing['speedup']:.2f}x; the pruned model runs on {kind})",
-             f"under bfloat16 autocast: dense (channels_last) {1000 * dense_bf16_s:.0f} ms, pruned "
-             f"{1000 * pruned_bf16_s:.0f} ms ({timing['bf16_speedup']:.2f}x)"]
+             (f"under bfloat16 autocast: dense (channels_last) {1000 * dense_bf16_s:.0f} ms, pruned "
+              f"{1000 * pruned_bf16_s:.0f} ms ({timing['bf16_speedup']:.2f}x)")]
     lines += ["", "plots: " + ", ".join(os.path.basename(p) for p in plots if p.endswith(".png")) +
               f" in {os.path.join(out_dir, 'report')}"]
     text = "\n".join(lines)

@@ -101,7 +101,7 @@ def test_cpu_bf16_amp_tracks_float32_keeps_masks_and_resumes_after_kill(tmp_path
         assert torch.equal(v, full_state[k]), k
     for name, mask in masks.items():
         assert not resumed_state[name][~mask].any(), name
-    report = open(tmp_path / "full" / "sparsity_report.txt").read()
+    report = (tmp_path / "full" / "sparsity_report.txt").read_text()
     assert "bfloat16" in report and "float32 " not in report, report
 
     model, masks = _model_and_masks()

@@ -199,7 +199,8 @@ ours = [w for w in caught if "no float16 path" in str(w.message)]
 assert len(ours) == 1, [str(w.message) for w in caught]
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         check=False)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
