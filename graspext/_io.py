@@ -10,14 +10,25 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Calls ``write(f)`` on a temporary file in the target's folder and renames it over ``path``."""
+    """Calls ``write(f)`` on a temporary file in the target's folder and renames it over ``path``.
+
+    The file gets the mode a plain ``open`` (or ``torch.save``) would give it, 0666 less the umask, not the
+    temporary file's 0600.
+    """
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
                                suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import random
 import time
@@ -35,6 +36,14 @@ RESULTS_CSV = "results.csv"
 SUMMARY = "summary.json"
 SPARSITY_REPORT = "sparsity_report.txt"
 KERNELS = ("auto", "sparse", "dense")
+# The settings a resumed run must share with its checkpoint (the others -- out_dir, progress, ... -- change
+# nothing that trains; `kernels` is compared by the path it resolves to, see _load).
+RESUME_MUST_MATCH = ("epochs", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma", "seed", "amp",
+                     "sparse_policy", "train_batch_size")
+
+
+def _comparable(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass
@@ -63,16 +72,17 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}")
-        for name in ("lr", "lr_gamma"):
+        for name, positive in (("lr", True), ("lr_gamma", True), ("momentum", False), ("weight_decay", False)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        for name in ("momentum", "weight_decay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            # Any real number (numpy's too); never NaN or infinity, which would train to NaN silently.
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if (positive and not value > 0) or value < 0:
+                raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} number, "
+                                 f"got {value!r}")
+            setattr(self, name, float(value))
         self.lr_milestones = tuple(self.lr_milestones)
-        if any(not 0 < f < 1 for f in self.lr_milestones):
+        if any(not isinstance(f, numbers.Real) or not 0 < f < 1 for f in self.lr_milestones):
             raise ValueError(f"lr_milestones must be fractions of the run in (0, 1), got {self.lr_milestones}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
@@ -140,6 +150,10 @@ class Trainer:
         return self.config.kernels == "sparse" or self.device.type == "cpu"
 
     # ------------------------------------------------------------------ checkpoints
+    def _train_batch_size(self) -> int | None:
+        """The training loader's batch size where it has one (a DataLoader), for the resume check."""
+        return getattr(self.train_loader, "batch_size", None)
+
     def _checkpoint_path(self) -> str | None:
         return os.path.join(self.config.out_dir, CHECKPOINT) if self.config.out_dir else None
 
@@ -149,7 +163,7 @@ class Trainer:
                  "scaler": scaler.state_dict() if scaler is not None else None, "history": history,
                  "best_test_acc": best, "config": asdict(self.config),
                  "masks": {n: m.cpu() for n, m in self.masks.items()} if self.masks is not None else None,
-                 "sparse_kernels": self.uses_sparse_kernels}
+                 "sparse_kernels": self.uses_sparse_kernels, "train_batch_size": self._train_batch_size()}
         atomic_write(self._checkpoint_path(), lambda f: torch.save(state, f))
 
     def _load(self, optimizer, scheduler, scaler):
@@ -167,12 +181,18 @@ class Trainer:
                     not torch.equal(saved_masks[n].cpu(), self.masks[n].cpu()) for n in saved_masks))):
             raise ValueError(f"checkpoint {path!r} was trained with other masks than the ones given; "
                              "use another out_dir or resume=False")
-        saved = {**asdict(TrainConfig()), **state["config"]}  # older checkpoints lack newer settings
-        changed = [k for k in ("epochs", "seed", "amp") if saved[k] != getattr(self.config, k)]
+        saved = {**state["config"], "train_batch_size": state.get("train_batch_size")}
+        current = {**asdict(self.config), "train_batch_size": self._train_batch_size()}
+        # Every setting that changes what trains must match: a resumed run that silently kept the
+        # checkpoint's settings would record the new ones in summary.json without having run them. (A setting
+        # an older checkpoint does not record is not compared.)
+        changed = [k for k in RESUME_MUST_MATCH
+                   if saved.get(k) is not None and _comparable(saved[k]) != _comparable(current[k])]
         if changed:
             raise ValueError(f"checkpoint {path!r} belongs to a run with "
-                             + ", ".join(f"{k}={saved[k]!r}" for k in changed) + "; this run has "
-                             + ", ".join(f"{k}={getattr(self.config, k)!r}" for k in changed))
+                             + ", ".join(f"{k}={_comparable(saved[k])!r}" for k in changed) + "; this run has "
+                             + ", ".join(f"{k}={_comparable(current[k])!r}" for k in changed)
+                             + "; use the same settings, another out_dir, or resume=False")
         if state.get("sparse_kernels", False) != self.uses_sparse_kernels:
             # The optimizer's momentum is per kept weight on one path and per dense weight on the other.
             raise ValueError(f"checkpoint {path!r} was trained with kernels="

@@ -34,6 +34,10 @@ def test_train_command_with_masks_and_resume(tmp_path, capsys):
     assert main([*args[:-3], "--out", str(bf16), "--no-progress", "--amp", "bf16"]) == 0
     assert json.loads((bf16 / "summary.json").read_text())["config"]["amp"] == "bf16"
     assert "bfloat16" in (bf16 / "sparsity_report.txt").read_text()
+    for option, value in (("--lr", "inf"), ("--weight-decay", "nan")):
+        assert main([*args[:-3], "--no-progress", option, value]) == 2
+        err = capsys.readouterr().err
+        assert "must be a finite number" in err and len(err.strip().splitlines()) == 1, err
     assert main(["train", "--model", "resnet20", "--masks", str(masks), "--epochs", "1", "--no-progress"]) == 2
     assert "is not a parameter of the model" in capsys.readouterr().err
 

@@ -33,6 +33,10 @@ def test_paper_settings():
      "engine must be one of"),
     ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "snip"\nsparsity = 0.9\n[train]\nepoch = 3\n',
      "train:"),
+    ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "snip"\nsparsity = 0.9\n[train]\nlr = inf\n',
+     "train: lr must be a finite number"),
+    ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "snip"\nsparsity = 0.9\n[train]\nweight_decay = nan\n',
+     "train: weight_decay must be a finite number"),
     ('model = "vgg19_bn"\ndataset = "cifar10"\n', "missing 'prune'"),
     ('model = "vgg19_bn\n', "not valid TOML"),
 ])

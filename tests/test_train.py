@@ -113,12 +113,53 @@ def test_cpu_bf16_amp_tracks_float32_keeps_masks_and_resumes_after_kill(tmp_path
     assert full.history[-1]["train_loss"] < full.history[0]["train_loss"]
 
 
-def test_resume_refuses_a_changed_precision(tmp_path):
+@pytest.mark.parametrize("change,message", [
+    ({"amp": "bf16"}, "amp=False; this run has amp='bf16'"),
+    ({"lr": 0.01}, "lr=0.05; this run has lr=0.01"),
+    ({"weight_decay": 0.0}, "weight_decay=0.0005; this run has weight_decay=0.0"),
+    ({"lr_milestones": (0.3,)}, r"lr_milestones=\(0.5, 0.75\); this run has lr_milestones=\(0.3,\)"),
+    ({"batch_size": 32}, "train_batch_size=16; this run has train_batch_size=32"),
+])
+def test_resume_refuses_changed_settings(tmp_path, change, message):
+    """A resumed run must train what it records: any changed training setting is refused, by name."""
     model, masks = _model_and_masks()
-    gx.train(model, *_loaders(), masks=masks, out_dir=str(tmp_path), **{**CFG, "epochs": 1})
+    gx.train(model, *_loaders(), masks=masks, out_dir=str(tmp_path), **{**CFG, "epochs": 2})
     model, masks = _model_and_masks()
-    with pytest.raises(ValueError, match="amp=False; this run has amp='bf16'"):
-        gx.train(model, *_loaders(), masks=masks, out_dir=str(tmp_path), **{**CFG, "epochs": 1, "amp": "bf16"})
+    train, test = _loaders()
+    config = {**CFG, "epochs": 2, **change}
+    if "batch_size" in config:
+        train = DataLoader(train.dataset, batch_size=config.pop("batch_size"), shuffle=True,
+                           generator=torch.Generator())
+    with pytest.raises(ValueError, match=message):
+        gx.train(model, train, test, masks=masks, out_dir=str(tmp_path), **config)
+    # Settings that change nothing that trains may differ.
+    model, masks = _model_and_masks()
+    gx.train(model, *_loaders(), masks=masks, out_dir=str(tmp_path), **{**CFG, "epochs": 2, "progress": True})
+
+
+@pytest.mark.parametrize("name", ["lr", "lr_gamma", "momentum", "weight_decay"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_hyperparameters_are_refused(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        gx.TrainConfig(**{name: value})
+
+
+def test_numpy_scalars_are_accepted_as_numbers():
+    import numpy as np
+
+    config = gx.TrainConfig(lr=np.float32(0.05), weight_decay=np.float64(1e-4), momentum=np.float32(0.9))
+    assert type(config.lr) is float and config.lr == pytest.approx(0.05)
+
+
+def test_result_files_honour_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        model, masks = _model_and_masks()
+        gx.train(model, *_loaders(), masks=masks, out_dir=str(tmp_path), **{**CFG, "epochs": 1})
+    finally:
+        os.umask(previous)
+    for name in ("checkpoint.pt", "results.jsonl", "results.csv", "summary.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_deterministic_masks_enforced_and_results_written(tmp_path):
