@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -205,6 +206,9 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
                              f"{tuple(module.weight.shape)}")
         if filter_fn is None or filter_fn(module, module_name):
             targets[module_name] = (module, mask)
+    if filter_fn is not None and masks and not targets:
+        warnings.warn(f"sparsify: filter_fn rejected all {len(masks)} masked layers; the model is returned "
+                      "without sparse layers", stacklevel=2)
 
     shapes = _layer_inputs(model, list(targets), example_input) if policy == "measure" else {}
     out = model if inplace else copy.deepcopy(model)

@@ -33,14 +33,21 @@ def prunable_modules(
     """Modules whose ``weight`` is pruned, keyed by module name, in ``model.modules()`` order.
 
     ``filter_fn(module, name)`` (as in torchao's ``sparsify_``) replaces the default type test;
-    ``exclude`` drops modules whose name matches any fnmatch pattern; ``keep_first_dense`` /
-    ``keep_last_dense`` drop the first / last candidate (e.g. the input conv and the classifier).
+    ``exclude`` drops modules whose name matches any fnmatch pattern (a pattern that matches no module is an
+    error: it is a typo more often than not); ``keep_first_dense`` / ``keep_last_dense`` drop the first / last
+    candidate (e.g. the input conv and the classifier), also when it is the only one.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable as filter_fn(module, name), got {filter_fn!r}")
     excluded = _patterns(exclude, "exclude")
+    all_names = [name for name, _ in model.named_modules()]
+    unmatched = [p for p in excluded if not any(fnmatch.fnmatchcase(n, p) for n in all_names)]
+    if unmatched:
+        shown = ", ".join(repr(n) for n in all_names[1:13]) + (", ..." if len(all_names) > 13 else "")
+        raise ValueError(f"exclude pattern(s) {unmatched} match no module of the model (fnmatch on module names "
+                         f"such as {shown})")
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -50,15 +57,19 @@ def prunable_modules(
         if wanted and not any(fnmatch.fnmatchcase(name, p) for p in excluded):
             chosen[name] = module
     names = list(chosen)
+    if names and (keep_first_dense or keep_last_dense) and len(names) <= keep_first_dense + keep_last_dense:
+        kept = " and ".join(k for k, v in (("keep_first_dense", keep_first_dense), ("keep_last_dense", keep_last_dense))
+                            if v)
+        raise ValueError(f"{kept} leave no layer to prune: the model has {len(names)} prunable layer(s) "
+                         f"({', '.join(names) or 'the model itself'})")
     if keep_first_dense and names:
         chosen.pop(names[0])
-    if keep_last_dense and len(names) > 1:
+    if keep_last_dense and names:
         chosen.pop(names[-1])
     if not chosen:
         raise ValueError(
             "model: no prunable layer found (looked for Conv2d and Linear weights"
-            + (" after filter_fn/exclude/keep_*_dense" if filter_fn or excluded or keep_first_dense
-               or keep_last_dense else "") + ")"
+            + (" after filter_fn/exclude" if filter_fn or excluded else "") + ")"
         )
     return chosen
 

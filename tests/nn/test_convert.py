@@ -329,6 +329,13 @@ def test_bf16_autocast_matches_the_masked_dense_model(model_cls, policy):
     assert "bfloat16" in format_sparsity_report(sparse)
 
 
+def test_filter_fn_that_matches_nothing_warns():
+    model, masks = _pruned(SmallVGG)
+    with pytest.warns(UserWarning, match="filter_fn rejected all"):
+        out = gx.sparsify(model, masks, filter_fn=lambda m, n: False)
+    assert not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in out.modules())
+
+
 def test_bf16_cost_model_and_measure():
     model, masks = _pruned(SmallVGG, sparsity=0.8)
     model = model.float()

@@ -85,6 +85,28 @@ def test_layer_selection_options(make_model):
     assert list(only_linear) == ["classifier.weight"]
 
 
+@pytest.mark.parametrize("keep", [{"keep_first_dense": True}, {"keep_last_dense": True},
+                                  {"keep_first_dense": True, "keep_last_dense": True}])
+def test_keep_dense_options_agree_on_a_one_layer_model(keep):
+    """keep_first_dense and keep_last_dense both keep the only layer dense, so nothing is left to prune: an
+    error naming the option, never a pruned 'kept' layer."""
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="leave no layer to prune: the model has 1 prunable layer"):
+        gx.prune(model, "magnitude", 0.5, **keep)
+    two = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="keep_first_dense and keep_last_dense leave no layer"):
+        gx.prune(two, "magnitude", 0.5, keep_first_dense=True, keep_last_dense=True)
+    if len(keep) == 1:
+        assert list(gx.prune(two, "magnitude", 0.5, **keep)) == (["1.weight"] if "keep_first_dense" in keep
+                                                                  else ["0.weight"])
+
+
+def test_exclude_patterns_that_match_nothing_are_refused(make_model):
+    model = make_model("vgg")
+    with pytest.raises(ValueError, match=r"exclude pattern\(s\) \['clasifier\*'\] match no module"):
+        gx.prune(model, "magnitude", 0.5, exclude=["features.0", "clasifier*"])
+
+
 @pytest.mark.parametrize("sparsity, match", [(1.0, r"sparsity must be in \[0, 1\)"), (-0.1, r"\[0, 1\)"),
                                              (float("nan"), r"\[0, 1\)"), (True, "sparsity must be a number"),
                                              ("0.9", "sparsity must be a number")])
