@@ -139,13 +139,20 @@ class Trainer:
         if self.config.amp == "fp16" and self.device.type != "cuda":
             raise ValueError(f"amp='fp16' needs a CUDA device, but training runs on {self.device}; "
                              "use amp='bf16' on the CPU")
+        if self.config.kernels == "sparse" and masks is not None and "weight" in masks:
+            raise ValueError("kernels='sparse' cannot train a model that is itself the masked layer (mask key "
+                             "'weight'): train graspext.sparsify(model, masks) with masks=None, or use kernels='auto'")
         if self.config.kernels == "sparse" and masks is None:
             raise ValueError("kernels='sparse' needs masks: a dense model has no sparse layers to compute")
 
     @property
     def uses_sparse_kernels(self) -> bool:
-        """Whether fit() trains through graspext.sparsify (see TrainConfig.kernels)."""
-        if self.masks is None or self.config.kernels == "dense":
+        """Whether fit() trains through graspext.sparsify (see TrainConfig.kernels).
+
+        A model that is itself the masked layer (mask key ``"weight"``) trains as masked dense weights: the
+        trainer trains the caller's model in place, and a sparse layer cannot take the place of the root.
+        """
+        if self.masks is None or self.config.kernels == "dense" or "weight" in self.masks:
             return False
         return self.config.kernels == "sparse" or self.device.type == "cpu"
 

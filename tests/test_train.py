@@ -253,3 +253,16 @@ def test_kernels_option_errors(tmp_path):
     gx.train(model, *_loaders(), masks=masks, out_dir=out, kernels="sparse", **{**CFG, "epochs": 1})
     with pytest.raises(ValueError, match="trained with kernels=sparse; resume it the same way"):
         gx.train(model, *_loaders(), masks=masks, out_dir=out, kernels="dense", **{**CFG, "epochs": 1})
+
+
+def test_a_model_that_is_the_layer_trains_with_its_pruned_weights_at_zero():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3 * 8 * 8, 10)
+    x, y = torch.randn(64, 3 * 8 * 8), torch.randint(0, 10, (64,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    masks = gx.prune(layer, "magnitude", 0.9)
+    gx.train(layer, loader, loader, masks=masks, epochs=2, lr=0.1, progress=False)
+    assert not layer.weight[~masks["weight"]].any()
+    assert layer.weight[masks["weight"]].ne(0).all()
+    with pytest.raises(ValueError, match="kernels='sparse' cannot train a model that is itself the masked layer"):
+        gx.train(layer, loader, loader, masks=masks, epochs=1, kernels="sparse", progress=False)

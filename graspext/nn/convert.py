@@ -86,9 +86,20 @@ def _named_target(model: nn.Module, param_name: str) -> tuple[str, nn.Module]:
     return module_name, module
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def _replace(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Puts ``module`` at ``name`` in ``root`` and returns the root: ``module`` itself where ``name`` is the
+    root (a model that is itself a layer, whose mask key is ``"weight"``)."""
+    if not name:
+        return module
     parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
+    return root
+
+
+def _refuse_root_in_place(model: nn.Module, replaced: bool, function: str) -> None:
+    if replaced:
+        raise ValueError(f"{function}(inplace=True) cannot convert a model that is itself the layer "
+                         f"({type(model).__name__}): use the returned model, {function}(model, ...)")
 
 
 def _median_ms(fn: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
@@ -210,6 +221,8 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
         warnings.warn(f"sparsify: filter_fn rejected all {len(masks)} masked layers; the model is returned "
                       "without sparse layers", stacklevel=2)
 
+    if inplace:
+        _refuse_root_in_place(model, "" in targets, "sparsify")
     shapes = _layer_inputs(model, list(targets), example_input) if policy == "measure" else {}
     out = model if inplace else copy.deepcopy(model)
     for name, (_, mask) in targets.items():
@@ -221,7 +234,7 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
             layer, kind = SparseLinear.from_dense(module, mask), "linear"
         if layer.mode == "sparse":  # not already dense for lack of kernel support
             _choose_mode(layer, kind, policy, shapes.get(name), dtype)
-        _set_submodule(out, name, layer)
+        out = _replace(out, name, layer)
     if keep_layout and targets:
         layers = [m for m in out.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
         for layer, following in zip(layers, layers[1:]):
@@ -232,7 +245,7 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
         for name, module in list(out.named_modules()):
             converted = to_layout_module(module)
             if converted is not module:
-                _set_submodule(out, name, converted)
+                out = _replace(out, name, converted)
         fuse_batch_norm_relu(out)
     return out
 
@@ -273,14 +286,17 @@ def _choose_mode(layer: nn.Module, kind: str, policy: str, input_shape: torch.Si
 def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replaces sparse layers by the equivalent ``nn.Conv2d``/``nn.Linear`` and the layout-keeping modules by
     their torch classes. The masks are not enforced afterwards: keep them (``graspext.Masks``) to train on."""
+    if inplace:
+        _refuse_root_in_place(model, isinstance(model, (SparseConv2d, SparseLinear)) or
+                              from_layout_module(model) is not model, "densify")
     out = model if inplace else copy.deepcopy(model)
     for name, module in list(out.named_modules()):
         if isinstance(module, (SparseConv2d, SparseLinear)):
-            _set_submodule(out, name, module.to_dense())
+            out = _replace(out, name, module.to_dense())
         else:
             plain = from_layout_module(module)
             if plain is not module:
-                _set_submodule(out, name, plain)
+                out = _replace(out, name, plain)
     return out
 
 

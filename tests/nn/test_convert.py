@@ -350,3 +350,26 @@ def test_bf16_cost_model_and_measure():
     assert all(r.dtype is None for r in sparsity_report(measured))  # not run yet
     with pytest.raises(ValueError, match="dtype must be None .* or torch.bfloat16"):
         gx.sparsify(model, masks, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(10, 4), nn.Conv2d(3, 5, 3, padding=1)], ids=["linear", "conv"])
+def test_a_model_that_is_the_layer_is_sparsified(layer):
+    """A bare layer's mask key is "weight": sparsify returns the sparse layer itself (it used to return the
+    unpruned layer), densify returns the dense one, and in-place conversion says why it cannot."""
+    torch.manual_seed(0)
+    masks = gx.prune(layer, "magnitude", 0.5)
+    assert list(masks) == ["weight"]
+    sparse = gx.sparsify(layer, masks, policy="sparse")
+    assert isinstance(sparse, (SparseConv2d, SparseLinear)) and sparse.nnz == int(masks["weight"].sum())
+    x = torch.randn(6, 10) if isinstance(layer, nn.Linear) else torch.randn(6, 3, 7, 7)
+    with torch.no_grad():
+        expected = (F.linear(x, layer.weight * masks["weight"], layer.bias) if isinstance(layer, nn.Linear)
+                    else F.conv2d(x, layer.weight * masks["weight"], layer.bias, padding=1))
+    torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-5)
+    dense = gx.densify(sparse)
+    assert type(dense) is type(layer)
+    torch.testing.assert_close(dense.weight, layer.weight * masks["weight"])
+    with pytest.raises(ValueError, match=r"sparsify\(inplace=True\) cannot convert a model that is itself"):
+        gx.sparsify(layer, masks, inplace=True)
+    with pytest.raises(ValueError, match=r"densify\(inplace=True\) cannot convert a model that is itself"):
+        gx.densify(sparse, inplace=True)
