@@ -6,6 +6,8 @@ are shared here.
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,7 +43,20 @@ def _choice(value, name: str, choices: Sequence[str]) -> str:
     return value
 
 
+def _scoring_model(model: nn.Module) -> nn.Module:
+    """The model the methods score: itself, or a float32 copy where it has float16/bfloat16 parameters.
+
+    Scores are products of weights and gradients (GraSP's are about 1e-9 at init): in float16 they underflow
+    to zero, the masks then follow the tie-break order alone and can remove whole layers. The copy holds the
+    same values, so the masks are those of the model as it is, scored in float32.
+    """
+    if isinstance(model, nn.Module) and any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        return copy.deepcopy(model).float()
+    return model
+
+
 def _context(model, data, masks, filter_fn, exclude, keep_first_dense, keep_last_dense, method) -> ScoringContext:
+    model = _scoring_model(model)
     modules = prunable_modules(model, filter_fn=filter_fn, exclude=exclude, keep_first_dense=keep_first_dense,
                                keep_last_dense=keep_last_dense)
     D.check_data(data, required=method.needs_data)

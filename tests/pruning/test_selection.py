@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -171,3 +172,26 @@ def test_a_wrong_kernel_count_raises_instead_of_returning_masks(monkeypatch):
     scores = [torch.randn(20), torch.randn(7, 3)]
     with pytest.raises(RuntimeError, match="bug in graspext"):
         selection.select_masks(scores, 10, remove_largest=True)
+
+
+@pytest.mark.parametrize("method", ["grasp", "snip", "synflow", "magnitude", "random"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_scored_in_float32(make_model, method, dtype):
+    """Scores of a float16/bfloat16 model are computed in float32 (GraSP's ~1e-9 scores underflow to zero in
+    float16): the masks are those of the same values in float32, so reduced precision removes no layer that
+    float32 keeps."""
+    from tests.conftest import class_sorted_batch
+
+    half = make_model("vgg").to(dtype)
+    same_values = copy.deepcopy(half).float()
+    data = class_sorted_batch()
+    options = {"seed": 0} if method in ("grasp", "snip", "random") else {}
+    ours = gx.prune(half, method, 0.9, data, **options)
+    ref = gx.prune(same_values, method, 0.9, data, **options)
+    assert list(ours) == list(ref)
+    for name in ref:
+        assert torch.equal(ours[name], ref[name]), name
+    assert ours.collapsed_layers() == ref.collapsed_layers()
+    if method == "grasp":
+        assert not ours.collapsed_layers()
+    assert all(p.dtype == dtype for p in half.parameters())  # the caller's model is untouched
