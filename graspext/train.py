@@ -28,7 +28,7 @@ from torch import nn
 from graspext._io import atomic_write, csv_text, write_text
 from graspext.allocator import keep_freed_memory
 from graspext.masks import Masks
-from graspext.nn.convert import densify, format_sparsity_report, sparsify
+from graspext.nn.convert import densify, format_sparsity_report, sparsify, tied_weights
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS_JSONL = "results.jsonl"
@@ -139,6 +139,12 @@ class Trainer:
         if self.config.amp == "fp16" and self.device.type != "cuda":
             raise ValueError(f"amp='fp16' needs a CUDA device, but training runs on {self.device}; "
                              "use amp='bf16' on the CPU")
+        # Tied weights stay one tensor on the masked dense path; sparse layers would untie them.
+        self._tied = tied_weights(model, masks) if masks is not None else {}
+        if self.config.kernels == "sparse" and self._tied:
+            name, others = next(iter(self._tied.items()))
+            raise ValueError(f"kernels='sparse' cannot train tied weights ({name} is shared with "
+                             f"{', '.join(others)}); use kernels='auto' or 'dense' (masked dense weights)")
         if self.config.kernels == "sparse" and masks is not None and "weight" in masks:
             raise ValueError("kernels='sparse' cannot train a model that is itself the masked layer (mask key "
                              "'weight'): train graspext.sparsify(model, masks) with masks=None, or use kernels='auto'")
@@ -150,9 +156,10 @@ class Trainer:
         """Whether fit() trains through graspext.sparsify (see TrainConfig.kernels).
 
         A model that is itself the masked layer (mask key ``"weight"``) trains as masked dense weights: the
-        trainer trains the caller's model in place, and a sparse layer cannot take the place of the root.
+        trainer trains the caller's model in place, and a sparse layer cannot take the place of the root. So do
+        tied weights (one tensor used by several modules), which sparse layers would untie.
         """
-        if self.masks is None or self.config.kernels == "dense" or "weight" in self.masks:
+        if self.masks is None or self.config.kernels == "dense" or "weight" in self.masks or self._tied:
             return False
         return self.config.kernels == "sparse" or self.device.type == "cpu"
 

@@ -108,3 +108,17 @@ def class_sorted_batch(num_classes=10, per_class=4, size=8, seed=0, dtype=torch.
     y = torch.arange(num_classes).repeat_interleave(per_class)
     x = torch.randn(len(y), 3, size, size, generator=g, dtype=dtype)
     return x, y
+
+
+class TiedLinears(nn.Module):
+    """Two Linear layers sharing one weight tensor (tied layers), then a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x.flatten(1)[:, :8])))))

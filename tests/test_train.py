@@ -266,3 +266,17 @@ def test_a_model_that_is_the_layer_trains_with_its_pruned_weights_at_zero():
     assert layer.weight[masks["weight"]].ne(0).all()
     with pytest.raises(ValueError, match="kernels='sparse' cannot train a model that is itself the masked layer"):
         gx.train(layer, loader, loader, masks=masks, epochs=1, kernels="sparse", progress=False)
+
+
+def test_tied_weights_train_as_one_masked_tensor():
+    from tests.conftest import TiedLinears
+
+    torch.manual_seed(0)
+    model = TiedLinears()
+    masks = gx.prune(model, "magnitude", 0.5)
+    gx.train(model, *_loaders(), masks=masks, epochs=1, lr=0.05, progress=False)
+    assert model.b.weight is model.a.weight
+    for name, mask in masks.items():
+        assert not dict(model.named_parameters())[name][~mask].any(), name
+    with pytest.raises(ValueError, match="kernels='sparse' cannot train tied weights"):
+        gx.Trainer(model, *_loaders(), gx.TrainConfig(kernels="sparse"), masks)

@@ -86,6 +86,26 @@ def _named_target(model: nn.Module, param_name: str) -> tuple[str, nn.Module]:
     return module_name, module
 
 
+def tied_weights(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, list[str]]:
+    """The masked weights that other modules of ``model`` share (tied layers), with those modules' names."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor):
+            users.setdefault(id(weight), []).append(name)
+    tied = {}
+    for param_name in masks:
+        module_name = param_name.rpartition(".")[0]
+        try:
+            weight = model.get_submodule(module_name).weight
+        except AttributeError:
+            continue  # not a layer weight: sparsify names the key
+        others = [n for n in users.get(id(weight), []) if n != module_name]
+        if others:
+            tied[param_name] = others
+    return tied
+
+
 def _replace(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
     """Puts ``module`` at ``name`` in ``root`` and returns the root: ``module`` itself where ``name`` is the
     root (a model that is itself a layer, whose mask key is ``"weight"``)."""
@@ -217,6 +237,12 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
                              f"{tuple(module.weight.shape)}")
         if filter_fn is None or filter_fn(module, module_name):
             targets[module_name] = (module, mask)
+    tied = {k: v for k, v in tied_weights(model, masks).items() if k.rpartition(".")[0] in targets}
+    if tied:
+        name, others = next(iter(tied.items()))
+        raise ValueError(f"sparsify: {name} is shared with {', '.join(others)} (tied weights); a sparse layer holds "
+                         "its own values, so converting it would untie them: leave it out with filter_fn, or train "
+                         "the masks on the dense model (graspext.train(..., kernels='dense'))")
     if filter_fn is not None and masks and not targets:
         warnings.warn(f"sparsify: filter_fn rejected all {len(masks)} masked layers; the model is returned "
                       "without sparse layers", stacklevel=2)

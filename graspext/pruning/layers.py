@@ -49,13 +49,26 @@ def prunable_modules(
         raise ValueError(f"exclude pattern(s) {unmatched} match no module of the model (fnmatch on module names "
                          f"such as {shown})")
     chosen: dict[str, nn.Module] = {}
+    owner: dict[int, str] = {}  # id(weight) -> the first module using it
     for name, module in model.named_modules():
+        wanted = filter_fn(module, name) if filter_fn is not None else isinstance(module, PRUNABLE_TYPES)
+        if not wanted or any(fnmatch.fnmatchcase(name, p) for p in excluded):
+            continue
         weight = getattr(module, "weight", None)
+        if _is_reparametrized(module):
+            raise ValueError(f"model: layer {name!r} computes its weight (torch.nn.utils.prune's weight_orig and "
+                             "weight_mask, or a parametrization); remove that first "
+                             "(torch.nn.utils.prune.remove(module, 'weight') or "
+                             "torch.nn.utils.parametrize.remove_parametrizations), or leave the layer out with "
+                             "exclude=")
         if not isinstance(weight, nn.Parameter):
             continue
-        wanted = filter_fn(module, name) if filter_fn is not None else isinstance(module, PRUNABLE_TYPES)
-        if wanted and not any(fnmatch.fnmatchcase(name, p) for p in excluded):
-            chosen[name] = module
+        # One tensor, one mask: a weight shared by several modules (tied layers) is pruned under the name of
+        # the first, which is also the name model.named_parameters() gives it.
+        if id(weight) in owner:
+            continue
+        owner[id(weight)] = name
+        chosen[name] = module
     names = list(chosen)
     if names and (keep_first_dense or keep_last_dense) and len(names) <= keep_first_dense + keep_last_dense:
         kept = " and ".join(k for k, v in (("keep_first_dense", keep_first_dense), ("keep_last_dense", keep_last_dense))
@@ -72,6 +85,12 @@ def prunable_modules(
             + (" after filter_fn/exclude" if filter_fn or excluded else "") + ")"
         )
     return chosen
+
+
+def _is_reparametrized(module: nn.Module) -> bool:
+    from torch.nn.utils import parametrize
+
+    return hasattr(module, "weight_orig") or parametrize.is_parametrized(module, "weight")
 
 
 def weight_name(module_name: str) -> str:

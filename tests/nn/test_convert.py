@@ -373,3 +373,15 @@ def test_a_model_that_is_the_layer_is_sparsified(layer):
         gx.sparsify(layer, masks, inplace=True)
     with pytest.raises(ValueError, match=r"densify\(inplace=True\) cannot convert a model that is itself"):
         gx.densify(sparse, inplace=True)
+
+
+def test_tied_weights_are_not_untied_silently():
+    from tests.conftest import TiedLinears
+
+    torch.manual_seed(0)
+    model = TiedLinears()
+    masks = gx.prune(model, "magnitude", 0.5)
+    with pytest.raises(ValueError, match="a.weight is shared with b .*tied weights"):
+        gx.sparsify(model, masks)
+    only_c = gx.sparsify(model, masks, filter_fn=lambda m, n: n == "c")
+    assert isinstance(only_c.c, SparseLinear) and only_c.b.weight is only_c.a.weight

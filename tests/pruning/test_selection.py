@@ -195,3 +195,27 @@ def test_half_precision_models_are_scored_in_float32(make_model, method, dtype):
     if method == "grasp":
         assert not ours.collapsed_layers()
     assert all(p.dtype == dtype for p in half.parameters())  # the caller's model is untouched
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_tied_weights_get_one_mask(method):
+    """One tensor, one mask: a weight shared by two modules is counted once, masked once (under the name
+    named_parameters() gives it), and the masks fit the model they came from."""
+    from tests.conftest import TiedLinears
+
+    torch.manual_seed(0)
+    model = TiedLinears()
+    masks = gx.prune(model, method, 0.5, **({"seed": 0} if method == "random" else {}))
+    assert list(masks) == ["a.weight", "c.weight"]
+    assert masks.num_total() == 8 * 8 + 10 * 8
+    masks.check_fits(model)
+    masks.apply_(model).remove()
+    assert model.b.weight is model.a.weight and not model.b.weight[~masks["a.weight"]].any()
+
+
+def test_reparametrized_layers_are_refused_by_name(make_model):
+    model = make_model("vgg")
+    torch.nn.utils.prune.l1_unstructured(model.features[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match=r"layer 'features.0' computes its weight .*prune.remove"):
+        gx.prune(model, "magnitude", 0.5)
+    assert "features.0.weight" not in gx.prune(model, "magnitude", 0.5, exclude="features.0")
