@@ -6,6 +6,7 @@ Every run lives in its own folder (masks, layer report, checkpoint, results, sum
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -24,6 +25,38 @@ from graspext.train import SUMMARY
 SWEEP_RUNS = "sweep_runs.csv"
 SWEEP_TABLE = "sweep_table.csv"
 SWEEP_MARKDOWN = "sweep_table.md"
+RUN_CONFIG = "experiment.json"  # what a run folder holds, to tell a finished run from a stale one
+
+
+def _run_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Everything of a config that decides the run's result (its name is only the folder's)."""
+    settings = dataclasses.asdict(cfg)
+    settings.pop("name")
+    return json.loads(json.dumps(settings))  # tuples as lists, as the stored copy has them
+
+
+def check_run_folder(cfg: ExperimentConfig, out_dir: str) -> None:
+    """Raises if ``out_dir`` holds a run of other settings: its masks, checkpoint or summary must never be
+    reported under this config's name. A folder of an older version, without ``experiment.json``, is checked
+    by the method and sparsity its masks record."""
+    stored_path = os.path.join(out_dir, RUN_CONFIG)
+    current = _run_settings(cfg)
+    if os.path.exists(stored_path):
+        try:
+            with open(stored_path) as f:
+                stored = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{stored_path}: unreadable ({exc}); delete the run folder to start over") from exc
+    elif os.path.exists(os.path.join(out_dir, "masks.pt")):
+        meta = Masks.load(os.path.join(out_dir, "masks.pt")).meta
+        stored = {**current, "method": meta.get("method"), "sparsity": meta.get("sparsity")}
+    else:
+        return
+    changed = sorted(k for k in current if stored.get(k) != current[k])
+    if changed:
+        raise ValueError(f"{out_dir} holds a run with " + ", ".join(f"{k}={stored.get(k)!r}" for k in changed)
+                         + "; this one has " + ", ".join(f"{k}={current[k]!r}" for k in changed)
+                         + ": use another --out, or delete that folder")
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str, *, data_root: str | None = None, download: bool = False,
@@ -34,7 +67,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str, *, data_root: str | None
     from graspext import data
     from graspext.models import create
 
+    check_run_folder(cfg, out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    write_text(os.path.join(out_dir, RUN_CONFIG), json.dumps(_run_settings(cfg), indent=2) + "\n")
     torch.manual_seed(cfg.seed)
     train_set = data.load(cfg.dataset, data_root, train=True, download=download)
     model = create(cfg.model, num_classes=data.NUM_CLASSES[cfg.dataset])
@@ -84,6 +119,7 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
                 cfg.name = f"{method}-{sparsity:g}-s{seed}"
                 run_dir = os.path.join(out_dir, cfg.name)
                 done = os.path.join(run_dir, SUMMARY)
+                check_run_folder(cfg, run_dir)
                 if os.path.exists(done):
                     with open(done) as f:
                         finished = json.load(f)

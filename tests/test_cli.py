@@ -67,6 +67,11 @@ def test_run_command_prunes_trains_and_resumes(tmp_path, capsys):
         assert (out / name).exists(), name
     assert main(args) == 0  # finished run: resumes from the checkpoint, trains nothing more
     assert "resuming with the masks" in capsys.readouterr().out
+    # The same folder for another method or sparsity: refused by name, never the old run under the new name.
+    for option, value, named in (("--method", "snip", "method='grasp'"), ("--sparsity", "0.9", "sparsity=0.98")):
+        assert main([*args, option, value]) == 2
+        err = capsys.readouterr().err
+        assert f"holds a run with {named}" in err and len(err.strip().splitlines()) == 1, err
     assert main(["run", "--model", "vgg11_bn"]) == 2
     assert "needs --config, or all of" in capsys.readouterr().err
     assert main(["run", "--config", "cifar10-vgg19-grasp-90", "--data", "cifar100"]) == 2
@@ -85,6 +90,12 @@ def test_sweep_table_and_resume(tmp_path, capsys):
     mtime = (out / "random-0.9-s1" / "checkpoint.pt").stat().st_mtime
     assert main(args) == 0  # everything finished: read back, nothing retrained
     assert (out / "random-0.9-s1" / "checkpoint.pt").stat().st_mtime == mtime
+    # Another model or epoch count into the same folder: refused, not the old table printed as the new one.
+    for changed in (["--model", "resnet32"], ["--epochs", "2"]):
+        new_args = list(args)
+        new_args[new_args.index(changed[0]) + 1] = changed[1]
+        assert main(new_args) == 2
+        assert "holds a run with" in capsys.readouterr().err
     assert main(["sweep", "--methods", "", "--out", str(out)]) == 2
 
     assert main(["report", str(out)]) == 0
