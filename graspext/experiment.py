@@ -145,7 +145,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _write_tables(rows, out_dir) -> None:
     table = aggregate(rows)
-    write_text(os.path.join(out_dir, SWEEP_RUNS), csv_text(rows))
+    # Run folders relative to the sweep folder, so that a moved or copied sweep still reports its own runs.
+    write_text(os.path.join(out_dir, SWEEP_RUNS),
+               csv_text([{**r, "out_dir": os.path.relpath(r["out_dir"], out_dir)} for r in rows]))
     write_text(os.path.join(out_dir, SWEEP_TABLE), csv_text(table))
     lines = ["| method | sparsity | runs | best test accuracy (mean ± std) |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {t['method']} | {t['sparsity']:g} | {t['runs']} | "

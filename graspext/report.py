@@ -123,7 +123,9 @@ def _representative_runs(folder: str) -> list[str]:
     picked = {}
     for r in rows:
         if float(r["sparsity"]) == top and int(r["seed"]) == first_seed:
-            picked.setdefault(r["method"], r["out_dir"])
+            # Each run is a folder of the sweep (older tables hold paths from where the sweep ran: only the
+            # folder's name is taken from them), never a path resolved against the current directory.
+            picked.setdefault(r["method"], os.path.join(folder, os.path.basename(os.path.normpath(r["out_dir"]))))
     return [picked[m] for m in sorted(picked)]
 
 

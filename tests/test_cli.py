@@ -110,6 +110,17 @@ def test_sweep_table_and_resume(tmp_path, capsys):
     assert len(colors) > 20  # lines, markers and text, not a blank canvas
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
+    # A moved sweep reports its own runs: paths are kept relative to the sweep folder.
+    import shutil
+
+    assert "random-0.9-s1" in (out / "sweep_runs.csv").read_text().splitlines()[-1]
+    moved = tmp_path / "moved"
+    shutil.move(str(out), str(moved))
+    shutil.rmtree(moved / "report")
+    assert main(["report", str(moved)]) == 0
+    for stem in ("layer_density", "training_curves"):  # drawn from the runs, found in the moved folder
+        assert (moved / "report" / f"{stem}.png").stat().st_size > 2000, stem
+
 
 def test_demo_command(tmp_path, capsys):
     out = tmp_path / "demo"
