@@ -25,9 +25,33 @@ def _seeded_model_and_data(args):
     return create(args.model, num_classes=num_classes), dataset
 
 
+def _check_out(path: str | None, kind: str) -> None:
+    """Fails before any work where ``--out`` cannot be written: a ``kind`` "file" whose folder is missing or
+    read-only, or a "folder" that is a file or cannot be created."""
+    import os
+
+    if path is None:
+        return
+    if kind == "file":
+        if os.path.isdir(path):
+            raise ValueError(f"--out {path!r} is a folder; give a file name for the masks")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"--out {path!r}: the folder {parent!r} does not exist")
+    else:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"--out {path!r} is a file; give a folder")
+        parent = os.path.abspath(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {path!r}: {parent!r} is not writable")
+
+
 def _prune(args) -> int:
     import graspext as gx
 
+    _check_out(args.out, "file")
     model, dataset = _seeded_model_and_data(args)
     loader = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=True,
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -57,6 +81,7 @@ def _prune(args) -> int:
 def _train(args) -> int:
     import graspext as gx
 
+    _check_out(args.out, "folder")
     model, train_set = _seeded_model_and_data(args)
     test_set, _ = _datasets(args, train=False)
     masks = None
@@ -105,6 +130,7 @@ def _run(args) -> int:
     from graspext.experiment import run_experiment
 
     cfg = _config_from_args(args)
+    _check_out(args.out or os.path.join("runs", cfg.name), "folder")
     summary = run_experiment(cfg, out_dir=args.out or os.path.join("runs", cfg.name), data_root=args.data_root,
                              download=args.download, workers=args.workers, progress=not args.no_progress,
                              log=print)
@@ -125,6 +151,7 @@ def _sweep(args) -> int:
         args.method, args.sparsity = (methods or [None])[0], (sparsities or [None])[0]
     cfg = _config_from_args(args)
     out = args.out or "runs/sweep"
+    _check_out(out, "folder")
     sweep(cfg, methods, sparsities, seeds, out, data_root=args.data_root, download=args.download,
           workers=args.workers, progress=not args.no_progress)
     with open(f"{out}/{SWEEP_MARKDOWN}") as f:
@@ -135,6 +162,7 @@ def _sweep(args) -> int:
 def _demo(args) -> int:
     from graspext.experiment import demo
 
+    _check_out(args.out, "folder")
     demo(args.out, model=args.model, sparsity=args.sparsity, epochs=args.epochs, progress=not args.no_progress)
     return 0
 
@@ -241,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # user mistakes: one line, never a traceback
         print(f"graspext {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

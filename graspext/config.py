@@ -76,6 +76,14 @@ def load_config(name_or_path: str) -> ExperimentConfig:
     for key in ("model", "dataset", "prune"):
         if key not in raw:
             raise ValueError(f"config {path}: missing {key!r}")
+    for key, ok, expected in (("model", lambda v: isinstance(v, str) and v, "a model name"),
+                              ("name", lambda v: isinstance(v, str) and v, "a non-empty string"),
+                              ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                               "an int >= 0"),
+                              ("batch_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                               "an int >= 1")):
+        if key in raw and not ok(raw[key]):
+            raise ValueError(f"config {path}: {key} must be {expected}, got {raw[key]!r}")
     if raw["dataset"] not in NUM_CLASSES:
         raise ValueError(f"config {path}: dataset must be one of {sorted(NUM_CLASSES)}, got {raw['dataset']!r}")
     prune = dict(raw["prune"])

@@ -107,6 +107,14 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
     read back, so a killed sweep resumes. Writes per-run and mean ± std tables (CSV and Markdown)."""
     if not methods or not sparsities or not seeds:
         raise ValueError("sweep needs at least one method, one sparsity and one seed")
+    from graspext.pruning import METHODS
+    from graspext.pruning.selection import check_sparsity
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:  # before any run trains, not after the others have
+        raise ValueError(f"methods {unknown} are not pruning methods; choose from {sorted(METHODS)}")
+    for s in sparsities:
+        check_sparsity(s)
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     for method in methods:
@@ -121,8 +129,11 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
                 done = os.path.join(run_dir, SUMMARY)
                 check_run_folder(cfg, run_dir)
                 if os.path.exists(done):
-                    with open(done) as f:
-                        finished = json.load(f)
+                    try:
+                        with open(done) as f:
+                            finished = json.load(f)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{done}: not valid JSON ({exc}); delete {run_dir} to rerun it") from exc
                     rows.append({"method": method, "sparsity": sparsity, "seed": seed,
                                  "best_test_acc": finished["best_test_acc"],
                                  "final_test_acc": finished["final_test_acc"], "out_dir": run_dir})

@@ -133,6 +133,11 @@ class Trainer:
                 raise TypeError(f"masks must be graspext.Masks, got {type(masks).__name__}")
             masks.check_fits(model)
         self.model, self.masks = model, masks
+        for name, loader in (("train_loader", train_loader), ("test_loader", test_loader)):
+            # Checked now, not after the first epoch has trained.
+            if loader is None or not hasattr(loader, "__iter__"):
+                raise TypeError(f"{name} must be an iterable of (inputs, targets) batches, such as a DataLoader, "
+                                f"got {type(loader).__name__}")
         self.train_loader, self.test_loader = train_loader, test_loader
         device = self.config.device or next(model.parameters()).device
         self.device = torch.device(device)

@@ -1,4 +1,6 @@
 import json
+import os
+import time
 
 import graspext as gx
 from graspext.cli import main
@@ -134,3 +136,32 @@ def test_demo_command(tmp_path, capsys):
     assert timing["dense_step_s"] > 0 and timing["pruned_step_s"] > 0 and timing["pruned_bf16_step_s"] > 0
     assert (out / "report" / "accuracy_vs_sparsity.png").stat().st_size > 2000
     assert (out / "demo.txt").read_text().startswith("graspext demo: resnet20")
+
+
+def test_cli_mistakes_fail_before_any_work_in_one_line(tmp_path, capsys):
+    """An --out that cannot be written, or a misspelt method in a sweep list, fails at once: exit code 2 and
+    one line, before pruning or training anything."""
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    cases = [
+        (["prune", "--model", "vgg11_bn", "--method", "magnitude", "--out", str(tmp_path / "missing" / "m.pt")],
+         "does not exist"),
+        (["prune", "--model", "vgg11_bn", "--method", "magnitude", "--out", str(tmp_path)], "is a folder"),
+        (["train", "--model", "vgg11_bn", "--epochs", "1", "--out", str(a_file)], "is a file; give a folder"),
+        (["sweep", "--methods", "magnitude,snpi", "--sparsities", "0.5", "--epochs", "1",
+          "--out", str(tmp_path / "sw"), "--no-progress"], "['snpi'] are not pruning methods"),
+        (["sweep", "--methods", "magnitude", "--sparsities", "0.5", "--out", str(a_file)], "is a file"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((["run", "--config", "digits-vgg11-grasp-98", "--out", str(read_only / "run")],
+                      "is not writable"))
+    for argv, message in cases:
+        start = time.perf_counter()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert time.perf_counter() - start < 5, f"{argv} did work before failing"
+    assert not (tmp_path / "sw").exists()

@@ -37,6 +37,11 @@ def test_paper_settings():
      "train: lr must be a finite number"),
     ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "snip"\nsparsity = 0.9\n[train]\nweight_decay = nan\n',
      "train: weight_decay must be a finite number"),
+    ('model = "vgg19_bn"\ndataset = "cifar10"\nseed = "one"\n[prune]\nmethod = "snip"\nsparsity = 0.9\n',
+     r"bad.toml: seed must be an int >= 0, got 'one'"),
+    ('model = "vgg19_bn"\ndataset = "cifar10"\nbatch_size = 0\n[prune]\nmethod = "snip"\nsparsity = 0.9\n',
+     "bad.toml: batch_size must be an int >= 1, got 0"),
+    ('model = 3\ndataset = "cifar10"\n[prune]\nmethod = "snip"\nsparsity = 0.9\n', "model must be a model name"),
     ('model = "vgg19_bn"\ndataset = "cifar10"\n', "missing 'prune'"),
     ('model = "vgg19_bn\n', "not valid TOML"),
 ])

@@ -280,3 +280,10 @@ def test_tied_weights_train_as_one_masked_tensor():
         assert not dict(model.named_parameters())[name][~mask].any(), name
     with pytest.raises(ValueError, match="kernels='sparse' cannot train tied weights"):
         gx.Trainer(model, *_loaders(), gx.TrainConfig(kernels="sparse"), masks)
+
+
+def test_loaders_are_checked_before_training():
+    model, masks = _model_and_masks()
+    train, _ = _loaders()
+    with pytest.raises(TypeError, match="test_loader must be an iterable of .* got NoneType"):
+        gx.Trainer(model, train, None, gx.TrainConfig(**CFG), masks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import math
 import warnings
 from collections.abc import Sequence
@@ -22,7 +24,7 @@ def num_to_remove(total: int, sparsity: float) -> int:
 
 
 def check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):  # numpy scalars are numbers too
         raise TypeError(f"sparsity must be a number in [0, 1), got {type(sparsity).__name__}")
     if not (0.0 <= float(sparsity) < 1.0):
         raise ValueError(f"sparsity must be in [0, 1) (the fraction of weights removed), got {sparsity}")

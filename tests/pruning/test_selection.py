@@ -219,3 +219,10 @@ def test_reparametrized_layers_are_refused_by_name(make_model):
     with pytest.raises(ValueError, match=r"layer 'features.0' computes its weight .*prune.remove"):
         gx.prune(model, "magnitude", 0.5)
     assert "features.0.weight" not in gx.prune(model, "magnitude", 0.5, exclude="features.0")
+
+
+def test_numpy_sparsity_is_a_number(make_model):
+    import numpy as np
+
+    masks = gx.prune(make_model("vgg"), "magnitude", np.float32(0.5))
+    assert masks.sparsity() == pytest.approx(0.5, abs=1e-3)
