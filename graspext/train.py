@@ -29,6 +29,7 @@ from graspext._io import atomic_write, csv_text, write_text
 from graspext.allocator import keep_freed_memory
 from graspext.masks import Masks
 from graspext.nn.convert import densify, format_sparsity_report, sparsify, tied_weights
+from graspext.pruning.data import check_logits
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS_JSONL = "results.jsonl"
@@ -229,6 +230,18 @@ class Trainer:
         write_text(os.path.join(out, RESULTS_CSV), csv_text(history))
 
     # ------------------------------------------------------------------ loops
+    def _forward(self, x):
+        try:
+            return self.model(x)
+        except RuntimeError as exc:
+            if self.uses_sparse_kernels and "view size is not compatible" in str(exc):
+                raise RuntimeError(
+                    f"{exc}\n(graspext: the sparse layers' outputs, and the BatchNorm and pooling layers after "
+                    "them, have batch-innermost storage ([H, W, C, N] in memory), which Tensor.view cannot "
+                    "reshape across; use x.reshape(...) or torch.flatten(x, 1) in the model, or "
+                    "graspext.sparsify(..., keep_layout=False))") from exc
+            raise
+
     def _autocast(self):
         amp = self.config.amp
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -248,7 +261,9 @@ class Trainer:
             for x, y in loader:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 with self._autocast():
-                    out = self.model(x)
+                    out = self._forward(x)
+                if seen == 0:  # the first batch of each epoch: a clear error instead of one from inside torch
+                    check_logits(out, y)
                 loss = F.cross_entropy(out.float(), y)
                 if train:
                     optimizer.zero_grad(set_to_none=True)

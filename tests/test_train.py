@@ -287,3 +287,43 @@ def test_loaders_are_checked_before_training():
     train, _ = _loaders()
     with pytest.raises(TypeError, match="test_loader must be an iterable of .* got NoneType"):
         gx.Trainer(model, train, None, gx.TrainConfig(**CFG), masks)
+
+
+class _ReturnsDict(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = SmallVGG()
+
+    def forward(self, x):
+        return {"logits": self.net(x)}
+
+
+class _ViewsItsFeatures(SmallVGG):
+    def forward(self, x):
+        flat = self.features(x).view(x.shape[0], -1)  # a [N, C, 2, 2] view: batch-innermost storage refuses it
+        return self.classifier(flat[:, :self.classifier.in_features])
+
+
+def test_user_mistakes_get_errors_that_name_them():
+    """Labels out of range, a model returning a dict, and Tensor.view on the sparse layers' storage: each an
+    error naming the mistake and the fix, in the trainer and in pruning."""
+    train, test = _loaders()
+    x, y = next(iter(train))
+    bad_labels = DataLoader(TensorDataset(x, y + 10), batch_size=16)
+    model, masks = _model_and_masks()
+    with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 10\) .* got values in \[1"):
+        gx.train(model, bad_labels, test, epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 10\)"):
+        gx.prune(model, "snip", 0.5, (x, y + 10))
+    with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 10\)"):
+        gx.prune(model, "grasp", 0.5, (x, y + 10), num_chunks=1)
+    with pytest.raises(TypeError, match="model must return a logits tensor .* got a dict"):
+        gx.train(_ReturnsDict(), train, test, epochs=1, progress=False)
+    with pytest.raises(TypeError, match="model must return a logits tensor .* got a dict"):
+        gx.prune(_ReturnsDict(), "snip", 0.5, (x, y))
+    torch.manual_seed(0)
+    viewing = _ViewsItsFeatures()
+    masks = gx.prune(viewing, "magnitude", 0.9)
+    with pytest.raises(RuntimeError, match=r"batch-innermost storage .* x.reshape"):
+        gx.train(viewing, train, test, masks=masks, epochs=1, kernels="sparse", sparse_policy="sparse",
+                 progress=False)

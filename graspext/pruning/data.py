@@ -107,6 +107,20 @@ def to_model(x: Tensor, y: Tensor, device: torch.device, dtype: torch.dtype) -> 
     return x, y.to(device=device, dtype=torch.long)
 
 
+def check_logits(out, y: Tensor) -> None:
+    """Raises, naming the problem, unless ``out`` is (batch, classes) logits and ``y`` holds class indices in
+    [0, classes): otherwise cross-entropy fails deep inside torch, or on CUDA with a device-side assert."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"model must return a logits tensor (batch, classes), got a {type(out).__name__}; wrap it "
+                        "in a module that returns the logits")
+    if out.ndim != 2 or out.shape[0] != y.shape[0]:
+        raise ValueError(f"model: expected logits of shape ({y.shape[0]}, classes) for {y.shape[0]} targets, got "
+                         f"{tuple(out.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
+        raise ValueError(f"data: targets must be class indices in [0, {out.shape[1]}) for the model's "
+                         f"{out.shape[1]} outputs, got values in [{int(y.min())}, {int(y.max())}]")
+
+
 def split_chunks(x: Tensor, y: Tensor, num_chunks: int) -> list[tuple[Tensor, Tensor]]:
     """Boundaries at i*N//num_chunks, so two chunks are the official halves [:N//2] and [N//2:]."""
     n = x.shape[0]

@@ -83,7 +83,9 @@ class _InnerWithConstant(torch.autograd.Function):
 
 
 def _loss(model: nn.Module, x: Tensor, y: Tensor, temperature: float) -> Tensor:
-    return F.cross_entropy(model(x) / temperature, y)
+    out = model(x)
+    D.check_logits(out, y)
+    return F.cross_entropy(out / temperature, y)
 
 
 @register

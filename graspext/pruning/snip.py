@@ -58,7 +58,9 @@ class SNIP(Method):
         else:
             x, y = D.first_batch(ctx.data)
         x, y = D.to_model(x, y, device, dtype)
-        grads = torch.autograd.grad(F.cross_entropy(work(x), y), weights)
+        out = work(x)
+        D.check_logits(out, y)
+        grads = torch.autograd.grad(F.cross_entropy(out, y), weights)
         scores = zeros_like_scores(weights)
         ops.score_accumulate_(scores, [w.detach() for w in weights], list(grads), 1.0, "abs_product")
         return scores
