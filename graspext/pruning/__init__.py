@@ -56,6 +56,9 @@ def _scoring_model(model: nn.Module) -> nn.Module:
 
 
 def _context(model, data, masks, filter_fn, exclude, keep_first_dense, keep_last_dense, method) -> ScoringContext:
+    if isinstance(model, nn.Module) and any(p.is_meta for p in model.parameters()):
+        raise ValueError("model: its parameters are on the meta device (shapes without values); materialize it "
+                         "first, e.g. model.to_empty(device='cpu') and then initialize its weights")
     model = _scoring_model(model)
     modules = prunable_modules(model, filter_fn=filter_fn, exclude=exclude, keep_first_dense=keep_first_dense,
                                keep_last_dense=keep_last_dense)

@@ -107,6 +107,14 @@ def to_model(x: Tensor, y: Tensor, device: torch.device, dtype: torch.dtype) -> 
     return x, y.to(device=device, dtype=torch.long)
 
 
+def check_used(names: list[str], grads: list[Tensor | None]) -> None:
+    """Raises naming the first prunable weight the forward pass did not use (its gradient is None)."""
+    for name, g in zip(names, grads):
+        if g is None:
+            raise ValueError(f"model: {name} is not used by the forward pass on this data, so it has no "
+                             f"gradient to score; leave its layer out (exclude='{name.rpartition('.')[0]}')")
+
+
 def check_logits(out, y: Tensor) -> None:
     """Raises, naming the problem, unless ``out`` is (batch, classes) logits and ``y`` holds class indices in
     [0, classes): otherwise cross-entropy fails deep inside torch, or on CUDA with a device-side assert."""

@@ -132,6 +132,7 @@ class GraSP(Method):
             # Accumulating in .grad adds chunk by chunk and layer by layer, as the official grad_w += ...
             loss.backward(inputs=weights)
         g = [w.grad for w in weights]
+        D.check_used(ctx.names, g)
         for w in weights:
             w.grad = None
         if o.engine == "exact":

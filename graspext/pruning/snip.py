@@ -60,7 +60,8 @@ class SNIP(Method):
         x, y = D.to_model(x, y, device, dtype)
         out = work(x)
         D.check_logits(out, y)
-        grads = torch.autograd.grad(F.cross_entropy(out, y), weights)
+        grads = torch.autograd.grad(F.cross_entropy(out, y), weights, allow_unused=True)
+        D.check_used(ctx.names, grads)
         scores = zeros_like_scores(weights)
         ops.score_accumulate_(scores, [w.detach() for w in weights], list(grads), 1.0, "abs_product")
         return scores

@@ -226,3 +226,28 @@ def test_numpy_sparsity_is_a_number(make_model):
 
     masks = gx.prune(make_model("vgg"), "magnitude", np.float32(0.5))
     assert masks.sparsity() == pytest.approx(0.5, abs=1e-3)
+
+
+class _UnusedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(12, 10)
+        self.spare = nn.Linear(12, 10)  # never called
+
+    def forward(self, x):
+        return self.used(x.flatten(1)[:, :12])
+
+
+@pytest.mark.parametrize("method", ["grasp", "snip"])
+def test_unused_and_meta_layers_are_named(method):
+    from tests.conftest import class_sorted_batch
+
+    data = class_sorted_batch()
+    with pytest.raises(ValueError, match=r"spare.weight is not used by the forward pass .*exclude='spare'"):
+        gx.prune(_UnusedLayer(), method, 0.5, data, **({"num_chunks": 1} if method == "grasp" else {}))
+    assert "used.weight" in gx.prune(_UnusedLayer(), method, 0.5, data, exclude="spare",
+                                     **({"num_chunks": 1} if method == "grasp" else {}))
+    with torch.device("meta"):
+        meta = _UnusedLayer()
+    with pytest.raises(ValueError, match="meta device"):
+        gx.prune(meta, method, 0.5, data)
