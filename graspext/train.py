@@ -202,6 +202,8 @@ class Trainer:
             raise ValueError(f"checkpoint {path!r} was trained with other masks than the ones given; "
                              "use another out_dir or resume=False")
         saved = {**state["config"], "train_batch_size": state.get("train_batch_size")}
+        if saved.get("amp") is True:  # checkpoints from before amp took "bf16"/"fp16"
+            saved["amp"] = "fp16"
         current = {**asdict(self.config), "train_batch_size": self._train_batch_size()}
         # Every setting that changes what trains must match: a resumed run that silently kept the
         # checkpoint's settings would record the new ones in summary.json without having run them. (A setting
