@@ -82,6 +82,10 @@ def _train(args) -> int:
     import graspext as gx
 
     _check_out(args.out, "folder")
+    settings = dict(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, out_dir=args.out,
+                    resume=not args.restart, progress=not args.no_progress, kernels=args.kernels,
+                    amp=args.amp or False)
+    gx.TrainConfig(**settings)  # every setting checked before the data is loaded
     model, train_set = _seeded_model_and_data(args)
     test_set, _ = _datasets(args, train=False)
     masks = None
@@ -91,9 +95,7 @@ def _train(args) -> int:
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                                                generator=torch.Generator(), num_workers=args.workers)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=256, num_workers=args.workers)
-    result = gx.train(model, train_loader, test_loader, masks=masks, epochs=args.epochs, lr=args.lr,
-                      weight_decay=args.weight_decay, seed=args.seed, out_dir=args.out, resume=not args.restart,
-                      progress=not args.no_progress, kernels=args.kernels, amp=args.amp or False)
+    result = gx.train(model, train_loader, test_loader, masks=masks, **settings)
     kind = f"{masks.sparsity():.1%} sparse" if masks is not None else "dense"
     print(f"{args.model} ({kind}) on the {args.data} data, {args.epochs} epochs: "
           f"best test accuracy {result.best_test_acc:.4f}, final {result.final_test_acc:.4f}")
