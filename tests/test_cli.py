@@ -99,6 +99,13 @@ def test_sweep_table_and_resume(tmp_path, capsys):
         assert main(new_args) == 2
         assert "holds a run with" in capsys.readouterr().err
     assert main(["sweep", "--methods", "", "--out", str(out)]) == 2
+    # A corrupt summary of a finished run names its file.
+    summary = out / "random-0.9-s1" / "summary.json"
+    good = summary.read_text()
+    summary.write_text("{not json")
+    assert main(args) == 2
+    assert f"{summary}: not valid JSON" in capsys.readouterr().err
+    summary.write_text(good)
 
     assert main(["report", str(out)]) == 0
     for stem in ("accuracy_vs_sparsity", "layer_density", "training_curves"):
