@@ -127,8 +127,8 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
                 cfg.name = f"{method}-{sparsity:g}-s{seed}"
                 run_dir = os.path.join(out_dir, cfg.name)
                 done = os.path.join(run_dir, SUMMARY)
-                check_run_folder(cfg, run_dir)
-                if os.path.exists(done):
+                if os.path.exists(done):  # (an unfinished run is checked by run_experiment)
+                    check_run_folder(cfg, run_dir)
                     try:
                         with open(done) as f:
                             finished = json.load(f)

@@ -356,31 +356,30 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_output, cons
     using K = typename KernelElement<scalar_t>::type;
     using C = cpu::compute_t<K>;
     cpu::SddmmConvArgs<K> args{g.batch,
-                                      g.in_h,
-                                      g.in_w,
-                                      g.out_h,
-                                      g.out_w,
-                                      g.kernel_h,
-                                      g.kernel_w,
-                                      kernel_data<K, scalar_t>(dy),
-                                      kernel_data<K, scalar_t>(x),
-                                      image_strides(dy),
-                                      image_strides(x),
-                                      ptr,
-                                      taps.base.data(),
-                                      taps.r.data(),
-                                      taps.s.data(),
-                                      row_map.data(),
-                                      col_map.data(),
-                                      is_identity(row_map, g.kernel_h, g.out_h, g.in_h),
-                                      g.stride_w,
-                                      grad_values.data_ptr<C>()};
+                               g.in_h,
+                               g.in_w,
+                               g.out_h,
+                               g.out_w,
+                               g.kernel_h,
+                               g.kernel_w,
+                               kernel_data<K, scalar_t>(dy),
+                               kernel_data<K, scalar_t>(x),
+                               image_strides(dy),
+                               image_strides(x),
+                               ptr,
+                               taps.base.data(),
+                               taps.r.data(),
+                               taps.s.data(),
+                               row_map.data(),
+                               col_map.data(),
+                               is_identity(row_map, g.kernel_h, g.out_h, g.in_h),
+                               g.stride_w,
+                               grad_values.data_ptr<C>()};
     const auto fn = sddmm_fn<K>(kernels);
     // Partial sums per entry: one vector of the compute type.
     const int64_t lanes = kernels->vector_bytes / static_cast<int64_t>(sizeof(C));
     // The whole batch per block: every extra chunk is another pass over the per-entry partial sums.
-    const auto blk = cache_blocking<K>(g.in_channels, g.kernel_h, g.kernel_w, g.stride_w, g.batch, g.out_w,
-                                              g.batch);
+    const auto blk = cache_blocking<K>(g.in_channels, g.kernel_h, g.kernel_w, g.stride_w, g.batch, g.out_w, g.batch);
     const int64_t parts = static_cast<int64_t>(ranges.size()) - 1;
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       ScratchBuffers<K> buffers(scratch);

@@ -2,9 +2,10 @@
 // set by the files beside this one (see sparse_conv2d_kernels.h for what the products compute).
 //
 // The including file first defines GRASPEXT_ISA (the namespace), GRASPEXT_VEC_BYTES and GRASPEXT_FMA (and
-// GRASPEXT_DPBF16, the bfloat16 pair dot product, where the ISA has one), then switches the target with `#pragma GCC target`. No library header may be included after that: an inline
-// library function instantiated here could be emitted with, say, AVX-512 instructions and then be picked
-// by the linker for every caller, which would crash CPUs without them. Everything below is in a namespace
+// GRASPEXT_DPBF16, the bfloat16 pair dot product, where the ISA has one), then switches the target with
+// `#pragma GCC target`. No library header may be included after that: an inline library function
+// instantiated here could be emitted with, say, AVX-512 instructions and then be picked by the linker for
+// every caller, which would crash CPUs without them. Everything below is in a namespace
 // of its own per instruction set for the same reason.
 //
 // Register tiles: kPos consecutive output positions times kVecs vectors of the batch. A pixel of one
@@ -96,7 +97,9 @@ struct Vec<Bf16> {
     for (int i = 0; i < n; ++i) p[i] = tmp[i];
   }
   static inline type splat(float x) { return {F::splat(x), F::splat(x)}; }
-  static inline type fma(type a, type b, type c) { return {F::fma(a.even, b.even, c.even), F::fma(a.odd, b.odd, c.odd)}; }
+  static inline type fma(type a, type b, type c) {
+    return {F::fma(a.even, b.even, c.even), F::fma(a.odd, b.odd, c.odd)};
+  }
   static inline type add(type a, type b) { return {a.even + b.even, a.odd + b.odd}; }
   static inline float sum(type v) { return F::sum(v.even + v.odd); }
 
