@@ -22,16 +22,102 @@ def _split_param_name(name: str) -> tuple[str, str]:
     return module_name, attr
 
 
+class _MaskedGrad:
+    """The gradient hook of one masked weight: zeroes the pruned positions, and keeps the unmasked gradient
+    when a dense gradient was requested."""
+
+    def __init__(self, mask: Tensor):
+        self.mask = mask
+        self.capture = False
+        self.dense_grad: Tensor | None = None
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        if self.capture:
+            g = grad.detach().clone()
+            self.dense_grad = g if self.dense_grad is None else self.dense_grad + g
+        return grad * self.mask
+
+
 @dataclass
 class MaskHandle:
-    """Returned by :meth:`Masks.apply_`; ``remove()`` detaches the gradient hooks (weights stay pruned)."""
+    """Returned by :meth:`Masks.apply_`: the masked dense weights it enforces.
+
+    ``remove()`` detaches the gradient hooks (weights stay pruned). :meth:`set_mask_` moves a weight to a new mask
+    (dynamic sparse training) and :meth:`request_dense_grad` / :meth:`dense_grad` give the gradient at every
+    position, pruned ones included.
+    """
 
     hooks: list[Any] = field(default_factory=list)
+    params: dict[str, nn.Parameter] = field(default_factory=dict)
+    grads: dict[str, _MaskedGrad] = field(default_factory=dict)
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
+
+    def mask(self, name: str) -> Tensor:
+        """The mask the hooks enforce now for parameter ``name`` (a copy)."""
+        return self._grad(name).mask.clone()
+
+    def _grad(self, name: str) -> _MaskedGrad:
+        if name not in self.grads:
+            raise KeyError(f"name: {name!r} is not a masked parameter of this handle (it has "
+                           f"{', '.join(self.grads) or 'none'})")
+        return self.grads[name]
+
+    @torch.no_grad()
+    def set_mask_(self, name: str, mask: Tensor, optimizer: torch.optim.Optimizer | None = None, *,
+                  reinit: Tensor | None = None, grown_values: Tensor | None = None) -> int:
+        """Moves the masked weight ``name`` to ``mask`` (same shape, same kept count), as
+        :meth:`graspext.nn.SparseConv2d.set_mask_` does for a sparse layer.
+
+        Weights kept by both masks keep their value and optimizer state; newly kept ones (and ``reinit``
+        positions) start at zero (or ``grown_values``) with zero state; dropped ones become zero with zero state,
+        so that momentum cannot move them. Returns the number of weights that started fresh.
+        """
+        hook, param = self._grad(name), self.params[name]
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != param.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {name}'s {tuple(param.shape)}")
+        kept, old = int(mask.sum()), int(hook.mask.sum())
+        if kept != old:
+            raise ValueError(f"mask keeps {kept} weights but {name} keeps {old}: set_mask_ moves connections, it "
+                             "never changes their number")
+        mask = mask.to(param.device)
+        fresh = mask & ~hook.mask
+        if reinit is not None:
+            if not isinstance(reinit, Tensor) or reinit.dtype != torch.bool or reinit.shape != param.shape:
+                raise ValueError(f"reinit must be a bool tensor of shape {tuple(param.shape)}")
+            fresh |= mask & reinit.to(param.device)
+        cleared = fresh | ~mask  # positions whose value and state restart from zero
+        tensors = [param] + ([param.grad] if param.grad is not None else [])
+        if optimizer is not None:
+            tensors += [v for v in optimizer.state.get(param, {}).values()
+                        if isinstance(v, Tensor) and v.shape == param.shape]
+        for t in tensors:
+            t.masked_fill_(cleared, 0)
+        if grown_values is not None:
+            param[fresh] = grown_values.to(device=param.device, dtype=param.dtype)[fresh]
+        hook.mask.copy_(mask)
+        return int(fresh.sum())
+
+    def request_dense_grad(self, name: str) -> None:
+        """Makes the next backward keep ``name``'s gradient at every position (before the mask zeroes it)."""
+        hook = self._grad(name)
+        if not self.params[name].requires_grad:
+            raise RuntimeError(f"{name} does not require grad, so there is no gradient to yield")
+        hook.capture, hook.dense_grad = True, None
+
+    def dense_grad(self, name: str) -> Tensor:
+        """dL/dW of ``name`` at every position, from the backward after :meth:`request_dense_grad`."""
+        hook = self._grad(name)
+        if hook.dense_grad is None:
+            raise RuntimeError(f"{name}: no dense gradient was captured; call request_dense_grad({name!r}) and run "
+                               "a forward and backward first")
+        grad, hook.dense_grad, hook.capture = hook.dense_grad, None, False
+        return grad
 
 
 class Masks(Mapping[str, Tensor]):
@@ -157,10 +243,12 @@ class Masks(Mapping[str, Tensor]):
         handle = MaskHandle()
         for name, m in self._masks.items():
             p = params[name]
-            mask = m.to(device=p.device)
+            mask = m.to(device=p.device, copy=True)  # the handle's own: set_mask_ changes it, not these masks
             p.mul_(mask)
+            hook = _MaskedGrad(mask)
+            handle.params[name], handle.grads[name] = p, hook
             if p.requires_grad:
-                handle.hooks.append(p.register_hook(lambda g, mask=mask: g * mask))
+                handle.hooks.append(p.register_hook(hook))
         return handle
 
     def to_torch_prune(self, model: nn.Module) -> nn.Module:

@@ -4,6 +4,9 @@ Recipe (Wang et al. 2020, following the official code): SGD with momentum 0.9, l
 and 75 % of the epochs, weight decay 5e-4 (VGG) / 1e-4 (ResNet), batch 128; the reported figure is the best
 test accuracy.
 
+Features beyond the loop itself (dynamic sparse training: ``dst=graspext.dst.RigL()``) drive it through
+callbacks (:mod:`graspext.callbacks`).
+
 Checkpoints are written atomically after every epoch. Every epoch starts from RNG seeds derived from
 (seed, epoch) — global torch/numpy/python RNGs and the DataLoader's own generator — so a run resumed after a
 kill replays exactly the epochs an uninterrupted run would have.
@@ -27,8 +30,10 @@ from torch import nn
 
 from graspext._io import atomic_write, csv_text, write_text
 from graspext.allocator import keep_freed_memory
+from graspext.callbacks import Callback
 from graspext.masks import Masks
 from graspext.nn.convert import densify, format_sparsity_report, sparsify, tied_weights
+from graspext.nn.modules import SparseConv2d, SparseLinear
 from graspext.pruning.data import check_logits
 
 CHECKPOINT = "checkpoint.pt"
@@ -36,6 +41,7 @@ RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 SUMMARY = "summary.json"
 SPARSITY_REPORT = "sparsity_report.txt"
+FINAL_MASKS = "final_masks.pt"
 KERNELS = ("auto", "sparse", "dense")
 # The settings a resumed run must share with its checkpoint (the others -- out_dir, progress, ... -- change
 # nothing that trains; `kernels` is compared by the path it resolves to, see _load).
@@ -106,6 +112,8 @@ class TrainResult:
     best_test_acc: float
     final_test_acc: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    # The masks at the end of training (dynamic sparse training moves them); None for a dense run.
+    masks: Masks | None = None
 
 
 def _seed_epoch(seed: int, epoch: int, loaders) -> None:
@@ -123,7 +131,7 @@ class Trainer:
     """``Trainer(model, train_loader, test_loader, config, masks).fit() -> TrainResult``. Trains in place."""
 
     def __init__(self, model: nn.Module, train_loader, test_loader, config: TrainConfig | None = None,
-                 masks: Masks | None = None):
+                 masks: Masks | None = None, *, callbacks=(), dst=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config or TrainConfig()
@@ -156,6 +164,28 @@ class Trainer:
                              "'weight'): train graspext.sparsify(model, masks) with masks=None, or use kernels='auto'")
         if self.config.kernels == "sparse" and masks is None:
             raise ValueError("kernels='sparse' needs masks: a dense model has no sparse layers to compute")
+        self.callbacks: list[Callback] = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be graspext.callbacks.Callback instances, got {type(cb).__name__}")
+        self.dst = dst
+        if dst is not None:
+            from graspext.dst import DynamicSparsity
+
+            if not isinstance(dst, DynamicSparsity):
+                raise TypeError(f"dst must be graspext.dst.RigL(...) or graspext.dst.SET(...), got {type(dst).__name__}")
+            if masks is None:
+                raise ValueError("dst needs masks: the initial sparse pattern it moves (graspext.dst.initial_masks("
+                                 "model, sparsity, 'erk'), or the masks of any pruning method)")
+            self.callbacks.append(dst.callback())
+        # Set by fit(): what the callbacks drive.
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler = None
+        self.mask_handle = None
+        self.sparse_layers: dict[str, SparseConv2d | SparseLinear] = {}
+        self.global_step = 0
+        self.steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
+        self.total_steps = self.steps_per_epoch * self.config.epochs if self.steps_per_epoch is not None else None
 
     @property
     def uses_sparse_kernels(self) -> bool:
@@ -177,13 +207,26 @@ class Trainer:
     def _checkpoint_path(self) -> str | None:
         return os.path.join(self.config.out_dir, CHECKPOINT) if self.config.out_dir else None
 
+    def current_masks(self) -> Masks | None:
+        """The masks as they stand now (dynamic sparse training moves them), keyed like the given ones."""
+        if self.masks is None:
+            return None
+        if self.sparse_layers:
+            current = {n: layer.mask() for n, layer in self.sparse_layers.items()}
+        elif self.mask_handle is not None:
+            current = {n: self.mask_handle.mask(n) for n in self.masks}
+        else:
+            return self.masks
+        return Masks({n: current.get(n, m).to(m.device) for n, m in self.masks.items()}, self.masks.meta)
+
     def _save(self, epoch, optimizer, scheduler, scaler, history, best) -> None:
         state = {"format": "graspext.train", "version": 1, "epoch": epoch, "model": self.model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "history": history,
                  "best_test_acc": best, "config": asdict(self.config),
                  "masks": {n: m.cpu() for n, m in self.masks.items()} if self.masks is not None else None,
-                 "sparse_kernels": self.uses_sparse_kernels, "train_batch_size": self._train_batch_size()}
+                 "sparse_kernels": self.uses_sparse_kernels, "train_batch_size": self._train_batch_size(),
+                 "global_step": self.global_step, "callbacks": [cb.state_dict() for cb in self.callbacks]}
         atomic_write(self._checkpoint_path(), lambda f: torch.save(state, f))
 
     def _load(self, optimizer, scheduler, scaler):
@@ -219,11 +262,18 @@ class Trainer:
             # The optimizer's momentum is per kept weight on one path and per dense weight on the other.
             raise ValueError(f"checkpoint {path!r} was trained with kernels="
                              f"{'sparse' if state.get('sparse_kernels') else 'dense'}; resume it the same way")
-        self.model.load_state_dict(state["model"])
+        saved_callbacks = state.get("callbacks", [])
+        if len(saved_callbacks) != len(self.callbacks):
+            raise ValueError(f"checkpoint {path!r} was trained with {len(saved_callbacks)} stateful callbacks (dst "
+                             f"included), this run has {len(self.callbacks)}; resume it with the same ones")
+        self.model.load_state_dict(state["model"])  # sparse layers take their saved patterns from it
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
+        for cb, cb_state in zip(self.callbacks, saved_callbacks):
+            cb.load_state_dict(cb_state)
+        self.global_step = state.get("global_step", (state["epoch"] + 1) * (self.steps_per_epoch or 0))
         return state["epoch"] + 1, state["history"], state["best_test_acc"]
 
     def _write_results(self, history) -> None:
@@ -262,6 +312,9 @@ class Trainer:
         with torch.set_grad_enabled(train):
             for x, y in loader:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if train:
+                    for cb in self.callbacks:
+                        cb.on_train_batch_start(self, x, y)
                 with self._autocast():
                     out = self._forward(x)
                 if seen == 0:  # the first batch of each epoch: a clear error instead of one from inside torch
@@ -269,13 +322,18 @@ class Trainer:
                 loss = F.cross_entropy(out.float(), y)
                 if train:
                     optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    skip = False
+                    for cb in self.callbacks:
+                        skip = bool(cb.on_after_backward(self)) or skip
+                    if not skip and scaler is not None:
                         scaler.step(optimizer)
                         scaler.update()
-                    else:
-                        loss.backward()
+                    elif not skip:
                         optimizer.step()
+                    for cb in self.callbacks:
+                        cb.on_train_batch_end(self, loss.detach())
+                    self.global_step += 1
                 total_loss += loss.item() * len(y)
                 correct += int((out.argmax(1) == y).sum())
                 seen += len(y)
@@ -301,20 +359,30 @@ class Trainer:
             # In place, so the caller's model is the one trained; densified again (in place) however fit ends.
             sparsify(self.model, self.masks, inplace=True, policy=c.sparse_policy,
                      dtype=torch.bfloat16 if c.amp == "bf16" else None)
+            self.sparse_layers = {f"{name}.weight" if name else "weight": m for name, m in self.model.named_modules()
+                                  if isinstance(m, (SparseConv2d, SparseLinear))}
         elif self.masks is not None:
-            handle = self.masks.apply_(self.model)
+            handle = self.mask_handle = self.masks.apply_(self.model)
         try:
             history, best = self._fit()
+            final_masks = self.current_masks()
         finally:
             if handle is not None:
                 handle.remove()
             if sparse:
                 densify(self.model, inplace=True)
-        result = TrainResult(best_test_acc=best, final_test_acc=history[-1]["test_acc"], history=history)
+            self.sparse_layers, self.mask_handle = {}, None
+        result = TrainResult(best_test_acc=best, final_test_acc=history[-1]["test_acc"], history=history,
+                             masks=final_masks)
+        summary = {"best_test_acc": result.best_test_acc, "final_test_acc": result.final_test_acc,
+                   "epochs": c.epochs, "sparse_kernels": sparse, "config": asdict(c)}
+        for cb in self.callbacks:
+            cb.on_fit_end(self, summary)
         if c.out_dir:
-            write_text(os.path.join(c.out_dir, SUMMARY), json.dumps(
-                {"best_test_acc": result.best_test_acc, "final_test_acc": result.final_test_acc,
-                 "epochs": c.epochs, "sparse_kernels": sparse, "config": asdict(c)}, indent=2))
+            if final_masks is not None and any(not torch.equal(final_masks[n].cpu(), self.masks[n].cpu())
+                                               for n in self.masks):
+                final_masks.save(os.path.join(c.out_dir, FINAL_MASKS))
+            write_text(os.path.join(c.out_dir, SUMMARY), json.dumps(summary, indent=2))
         return result
 
     def _fit(self):
@@ -324,6 +392,9 @@ class Trainer:
         milestones = sorted({max(1, int(round(f * c.epochs))) for f in c.lr_milestones})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=c.lr_gamma)
         scaler = torch.amp.GradScaler("cuda") if c.amp == "fp16" else None
+        self.optimizer, self.scaler, self.global_step = optimizer, scaler, 0
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
         start_epoch, history, best = 0, [], -math.inf
         if c.out_dir:
             os.makedirs(c.out_dir, exist_ok=True)
@@ -340,6 +411,8 @@ class Trainer:
         try:
             for epoch in range(start_epoch, c.epochs):
                 _seed_epoch(c.seed, epoch, [self.train_loader, self.test_loader])
+                for cb in self.callbacks:
+                    cb.on_epoch_start(self, epoch)
                 lr = optimizer.param_groups[0]["lr"]
                 train_loss, train_acc, images_per_s = self._run_epoch(epoch, optimizer, scaler, train=True)
                 test_loss, test_acc, _ = self._run_epoch(epoch, optimizer, scaler, train=False)
@@ -348,6 +421,8 @@ class Trainer:
                 record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                           "test_loss": test_loss, "test_acc": test_acc, "best_test_acc": best,
                           "train_images_per_s": images_per_s}
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, epoch, record)
                 history.append(record)
                 if writer is not None:
                     for k, v in record.items():
@@ -364,11 +439,16 @@ class Trainer:
         return history, best
 
 
-def train(model: nn.Module, train_loader, test_loader, *, masks: Masks | None = None, **config: Any) -> TrainResult:
-    """Functional form: ``graspext.train(model, train_loader, test_loader, epochs=160, masks=masks)``."""
+def train(model: nn.Module, train_loader, test_loader, *, masks: Masks | None = None, dst=None, callbacks=(),
+          **config: Any) -> TrainResult:
+    """Functional form: ``graspext.train(model, train_loader, test_loader, epochs=160, masks=masks)``.
+
+    ``dst=graspext.dst.RigL()`` (or ``SET()``) moves the masks during training; ``callbacks`` are
+    :class:`graspext.callbacks.Callback` instances.
+    """
     try:
         cfg = TrainConfig(**config)
     except TypeError as exc:
         valid = ", ".join(f.name for f in TrainConfig.__dataclass_fields__.values())
         raise TypeError(f"{exc}; valid training options: {valid}") from exc
-    return Trainer(model, train_loader, test_loader, cfg, masks).fit()
+    return Trainer(model, train_loader, test_loader, cfg, masks, callbacks=callbacks, dst=dst).fit()

@@ -4,6 +4,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import graspext as gx
+from graspext.masks import Masks
 from tests.conftest import class_sorted_batch
 
 
@@ -99,3 +100,41 @@ def test_torch_prune_roundtrip(make_model, model_and_masks):
     assert list(read) == ["features.0.weight"] and read.density() == pytest.approx(0.5, abs=0.01)
     with pytest.raises(ValueError, match="no torch.nn.utils.prune masks"):
         gx.Masks.from_torch_prune(make_model("vgg"))
+
+
+def test_mask_handle_moves_a_masked_weight_and_clears_the_state_of_dropped_ones():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    mask = torch.rand(5, 6) < 0.5
+    masks = Masks({"0.weight": mask})
+    handle = masks.apply_(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    weight = model[0].weight
+    before = weight.detach().clone()
+    buf_before = opt.state[weight]["momentum_buffer"].clone()
+    new = mask.clone().view(-1)
+    kept, free = new.nonzero().flatten(), (~new).nonzero().flatten()
+    new[kept[:2]], new[free[:2]] = False, True
+    new = new.view(5, 6)
+    assert handle.set_mask_("0.weight", new, opt) == 2
+    assert torch.equal(masks["0.weight"], mask)  # the Masks object is the initial pattern, untouched
+    assert torch.equal(handle.mask("0.weight"), new)
+    buf = opt.state[weight]["momentum_buffer"]
+    assert torch.equal(weight[new & mask], before[new & mask]) and torch.equal(buf[new & mask], buf_before[new & mask])
+    assert not weight[~new].any() and not buf[~new].any()  # dropped: zero, and no momentum to move them
+    # Training keeps the new pattern: the hooks enforce it, and the dense gradient is there on request.
+    handle.request_dense_grad("0.weight")
+    opt.zero_grad()
+    model(torch.randn(4, 6)).sum().backward()
+    dense = handle.dense_grad("0.weight")
+    assert bool((dense[~new] != 0).any()) and not weight.grad[~new].any()
+    opt.step()
+    assert not weight[~new].any()
+    with pytest.raises(ValueError, match="mask keeps"):
+        handle.set_mask_("0.weight", torch.ones(5, 6, dtype=torch.bool))
+    with pytest.raises(KeyError, match="not a masked parameter"):
+        handle.mask("1.weight")
+    with pytest.raises(RuntimeError, match="no dense gradient was captured"):
+        handle.dense_grad("0.weight")

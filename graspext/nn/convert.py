@@ -286,8 +286,24 @@ def _dense_or_compact(layer: nn.Module, why: str) -> tuple[str, str]:
     return "dense", f"dense (cost model: {why})"
 
 
+def choose_mode_again(layer: nn.Module) -> None:
+    """After a layer's pattern changed (``set_mask_``): its mode as ``sparsify`` would choose it now.
+
+    The kept count is the same, so the density and the sparse/dense choice are too; the dead channels may differ,
+    which moves a dense layer between ``"dense"`` and ``"compact"``. A measured choice is not timed again (that
+    would cost a benchmark per update): only its dense/compact half follows the cost model.
+    """
+    policy, kind, dtype = layer.mode_rule
+    if policy == "auto":
+        _choose_mode(layer, kind, policy, None, dtype)
+    elif policy == "measure" and layer.mode != "sparse":
+        layer.mode, decision = _dense_or_compact(layer, "measured dense; dead channels re-counted after a mask update")
+        layer.decision = decision
+
+
 def _choose_mode(layer: nn.Module, kind: str, policy: str, input_shape: torch.Size | None,
                  dtype: torch.dtype | None) -> None:
+    layer.mode_rule = (policy, kind, dtype)
     density = layer.density
     if policy in ("sparse", "dense", "compact"):
         layer.mode, layer.decision = policy, f"{policy} (forced)"

@@ -17,7 +17,14 @@ weight decay cost O(kept weights). The sparsity pattern lives in index buffers b
 The result is the same in every mode.
 
 ``state_dict`` holds a dense ``weight`` (zeros at pruned positions) and ``bias``, exactly the keys of
-``nn.Conv2d`` / ``nn.Linear``: a checkpoint loads into the dense model as it is.
+``nn.Conv2d`` / ``nn.Linear``: a checkpoint loads into the dense model as it is. The current mask travels in the
+state dict's per-module metadata (``state_dict._metadata[prefix]["graspext_mask"]``, saved by ``torch.save``),
+which dense modules ignore: a kept weight can be exactly zero (RigL grows connections at zero), so the pattern
+cannot be read back from the weight.
+
+The pattern can change (dynamic sparse training, :mod:`graspext.dst`): :meth:`set_mask_` moves the kept weights
+to a new mask of the same count in place, keeping the ``values`` Parameter and its optimizer state, and
+:meth:`request_dense_grad` makes the next forward/backward also yield the gradient at every position.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ MODES = ("sparse", "dense", "compact")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)  # float32 accumulation; the CPU kernels take bfloat16 only
 _INDEX_NAMES = ("row_ptr", "row_taps", "col_ptr", "col_taps", "col_order")
+MASK_METADATA_KEY = "graspext_mask"
 _warned: set[str] = set()
 
 
@@ -108,13 +116,11 @@ class _SparseLayer(nn.Module):
             raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {self._dense_shape()}")
         self.values = nn.Parameter(pattern.gather(weight.detach().reshape(pattern.weight_shape)).clone())
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        pattern = pattern.to(weight.device)
-        for name, t in zip(_INDEX_NAMES, pattern.tensors()):
-            self.register_buffer(name, t, persistent=False)
-        live_out, live_in, compact_index = _compaction(pattern)
-        self.register_buffer("live_out", live_out, persistent=False)
-        self.register_buffer("live_in", live_in, persistent=False)
-        self.register_buffer("compact_index", compact_index, persistent=False)
+        self._set_pattern(pattern.to(weight.device))
+        # How sparsify chose the mode, so that set_mask_ can choose again: (policy, kind, dtype) or None.
+        self.mode_rule: tuple | None = None
+        self._dense_grad_request = False
+        self._dense_grad_parts: list = []  # what the last requested backward captured
         self.mode = mode
         self.decision = f"{mode} (chosen by the caller)"
         self.computed_dtype: torch.dtype | None = None  # set by each forward pass
@@ -124,6 +130,128 @@ class _SparseLayer(nn.Module):
         # Set by sparsify(dtype=torch.bfloat16) on CPU conv layers that stay dense: oneDNN's bfloat16
         # convolutions run 10-30 % faster on channels-last input (benchmarks/RESULTS.md).
         self.dense_channels_last = False
+
+    def _set_pattern(self, pattern: SparsePattern) -> None:
+        """Installs the index buffers of ``pattern`` and its dead-channel compaction (non-persistent buffers: the
+        mask is saved in the state dict's metadata)."""
+        live_out, live_in, compact_index = _compaction(pattern)
+        for name, t in (*zip(_INDEX_NAMES, pattern.tensors()), ("live_out", live_out), ("live_in", live_in),
+                        ("compact_index", compact_index)):
+            if name in self._buffers:
+                self._buffers[name] = t
+            else:
+                self.register_buffer(name, t, persistent=False)
+
+    @torch.no_grad()
+    def set_mask_(self, mask: Tensor, optimizer: torch.optim.Optimizer | None = None, *, reinit: Tensor | None = None,
+                  grown_values: Tensor | None = None) -> int:
+        """Moves the layer to ``mask`` (same shape as the dense weight, same kept count) in place.
+
+        The ``values`` Parameter stays the same object. A weight kept by both masks keeps its value, its gradient
+        and its optimizer state (every state tensor of ``optimizer`` shaped like ``values``: SGD's momentum, Adam's
+        moments); a newly kept weight starts at zero (or at ``grown_values`` at its position) with zero state.
+        ``reinit`` (bool, dense shape) marks kept-by-both positions to treat as new as well. The index buffers and
+        the dead-channel compaction are rebuilt and the mode is chosen again as ``sparsify`` chose it. Returns the
+        number of weights that started fresh.
+        """
+        shape = self._dense_shape()
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the weight's {shape}")
+        kept = int(mask.sum())
+        if kept != self.nnz:
+            raise ValueError(f"mask keeps {kept} weights but the layer keeps {self.nnz}: set_mask_ moves connections, "
+                             "it never changes their number (the values Parameter keeps its size)")
+        for name, t in (("reinit", reinit), ("grown_values", grown_values)):
+            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shape):
+                raise ValueError(f"{name} must be a tensor of the weight's shape {shape}, "
+                                 f"got {tuple(getattr(t, 'shape', ()))}")
+        if reinit is not None and reinit.dtype != torch.bool:
+            raise TypeError(f"reinit must be a bool tensor, got {reinit.dtype}")
+        device = self.values.device
+        old_flat = self.pattern.flat_indices().to(device)
+        pattern = SparsePattern.from_mask(mask.reshape(self._pattern_shape())).to(device)
+        new_flat = pattern.flat_indices()
+        # For each new entry, the index of the old value at its position, or -1 for a new connection.
+        lookup = torch.full((math.prod(shape),), -1, dtype=torch.int64, device=device)
+        lookup[old_flat] = torch.arange(old_flat.numel(), device=device)
+        source = lookup[new_flat]
+        fresh = source < 0
+        if reinit is not None:
+            fresh |= reinit.to(device).reshape(-1)[new_flat]
+        carried = ~fresh
+
+        def moved(t: Tensor) -> Tensor:
+            out = torch.zeros_like(t)
+            out[carried] = t[source[carried]]
+            return out
+
+        values = moved(self.values)
+        if grown_values is not None:
+            values[fresh] = grown_values.to(device=device, dtype=values.dtype).reshape(-1)[new_flat[fresh]]
+        self.values.copy_(values)
+        if self.values.grad is not None:
+            self.values.grad.copy_(moved(self.values.grad))
+        if optimizer is not None:
+            for value in optimizer.state.get(self.values, {}).values():
+                if isinstance(value, Tensor) and value.shape == self.values.shape:
+                    value.copy_(moved(value))
+        self._set_pattern(pattern)
+        if self.mode_rule is not None:
+            from graspext.nn.convert import choose_mode_again
+
+            choose_mode_again(self)
+        return int(fresh.sum())
+
+    def request_dense_grad(self) -> None:
+        """Makes the next forward and backward also yield dL/dW at every position; read it with :meth:`dense_grad`.
+
+        The sparse product still runs as always; the dense gradient is one dense weight-gradient product on top
+        (in dense mode, the gradient of the scattered weight, at no extra cost). Steps without a request never
+        compute it.
+        """
+        if not self.values.requires_grad:
+            raise RuntimeError(f"{type(self).__name__}: its values do not require grad, so there is no gradient to "
+                               "yield; request a dense gradient only from layers that train")
+        self._dense_grad_request = True
+        self._dense_grad_parts = []
+
+    def dense_grad(self) -> Tensor:
+        """dL/dW (dense weight shape, float32 or the weights' wider dtype) from the backward after the request."""
+        if self._dense_grad_request and not self._dense_grad_parts:
+            raise RuntimeError(f"{type(self).__name__}: no dense gradient was captured since request_dense_grad(); "
+                               "run a forward and backward through this layer (with grad enabled) first")
+        if not self._dense_grad_parts:
+            raise RuntimeError(f"{type(self).__name__}: no dense gradient was requested; call request_dense_grad() "
+                               "before the forward pass")
+        grads = [part() if callable(part) else part for part in self._dense_grad_parts]
+        if any(g is None for g in grads):
+            raise RuntimeError(f"{type(self).__name__}: the forward after request_dense_grad() ran, but no backward "
+                               "reached this layer")
+        self._dense_grad_parts = []
+        return torch.stack(grads).sum(0) if len(grads) > 1 else grads[0]
+
+    def _capture_dense_grad(self, x: Tensor | None, y: Tensor | None, weight: Tensor | None, weight_grad) -> None:
+        """Arms the capture for this forward: from the dense weight's gradient, or from ``weight_grad(x, dy)``."""
+        if not (self._dense_grad_request and torch.is_grad_enabled()):
+            return
+        self._dense_grad_request = False
+        wide = torch.float64 if self.values.dtype == torch.float64 else torch.float32
+        box: list = [None]
+        if weight is not None and weight.requires_grad:
+            def keep(g):
+                box[0] = g.detach().to(wide)
+            weight.register_hook(keep)
+        elif y is not None and y.requires_grad:
+            saved = x.detach()
+
+            def keep(g):
+                box[0] = weight_grad(saved.to(wide), g.detach().to(wide)).view(self._dense_shape())
+            y.register_hook(keep)
+        else:
+            return
+        self._dense_grad_parts.append(lambda: box[0])
 
     @property
     def mode(self) -> str:
@@ -224,10 +352,14 @@ class _SparseLayer(nn.Module):
         destination[prefix + "weight"] = weight if keep_vars else weight.detach()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:  # Module.state_dict made this module's entry just before calling us
+            metadata.setdefault(prefix[:-1], {})[MASK_METADATA_KEY] = self.mask().cpu()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "weight"
+        saved_mask = local_metadata.get(MASK_METADATA_KEY)
         if key not in state_dict:
             missing_keys.append(key)
         else:
@@ -235,7 +367,14 @@ class _SparseLayer(nn.Module):
             if tuple(weight.shape) != self._dense_shape():
                 error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, "
                                   f"the sparse layer's weight has shape {self._dense_shape()}")
+            elif saved_mask is not None and (tuple(saved_mask.shape) != self._dense_shape()
+                                             or int(saved_mask.sum()) != self.nnz):
+                error_msgs.append(f"the mask saved with {key} keeps {int(saved_mask.sum())} weights of "
+                                  f"{tuple(saved_mask.shape)}; this sparse layer keeps {self.nnz} of "
+                                  f"{self._dense_shape()}")
             else:
+                if saved_mask is not None and not torch.equal(saved_mask.to(self.values.device), self.mask()):
+                    self.set_mask_(saved_mask.to(self.values.device))  # the pattern the checkpoint was taken with
                 weight = weight.to(self.values.device)
                 outside = (weight != 0) & ~self.mask()
                 if bool(outside.any()):
@@ -322,6 +461,7 @@ class SparseConv2d(_SparseLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self._use_kernels(x) and self.kernel_supported:
             y = sparse_conv2d(x, self.values, self.pattern, self.bias, self.stride, self.padding)
+            self._capture_dense_grad(x, y, None, self._conv_weight_grad(self.stride, self.padding, (1, 1)))
             self._record_dtype(y.dtype)
             return y
         padding = self._string_padding or self.padding
@@ -338,12 +478,25 @@ class SparseConv2d(_SparseLayer):
 
         if self._mode == "compact" and self.nnz > 0 and self.groups == 1:  # groups tie channels together
             y = self._compact_call(x, 1, conv)
+            self._capture_dense_grad(x, y, None, self._conv_weight_grad(self.stride, padding, self.dilation))
         else:
-            y = conv(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            weight = self.dense_weight()
+            self._capture_dense_grad(None, None, weight, None)
+            y = conv(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.emit_batch_innermost and y.shape[0] > 1:
             y = to_batch_innermost(y)
         self._record_dtype(y.dtype)
         return y
+
+    def _conv_weight_grad(self, stride, padding, dilation):
+        """dL/dW at every position from the layer's input and output gradient (for :meth:`dense_grad`)."""
+        if isinstance(padding, str):  # 'same' with an even kernel: the padding conv2d would use, per side
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
+
+        def weight_grad(x: Tensor, dy: Tensor) -> Tensor:
+            with torch.autocast(x.device.type, enabled=False):
+                return torch.nn.grad.conv2d_weight(x, self._dense_shape(), dy, stride, padding, dilation, self.groups)
+        return weight_grad
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent ``nn.Conv2d`` (pruned weights are zeros)."""
@@ -387,15 +540,22 @@ class SparseLinear(_SparseLayer):
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension, expected {self.in_features}")
         if self._mode == "compact" and self.nnz > 0:
             out = self._compact_call(x, -1, F.linear)
+            self._capture_dense_grad(x, out, None, self._linear_weight_grad)
         elif not self._use_kernels(x):
-            out = F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            weight = self.dense_weight()
+            self._capture_dense_grad(None, None, weight, None)
+            out = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         else:
             lead = x.shape[:-1]
             flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
             out = sparse_linear(flat, self.values, self.pattern, self.bias)
+            self._capture_dense_grad(flat, out, None, self._linear_weight_grad)
             out = out if x.dim() == 2 else out.reshape(*lead, self.out_features)
         self._record_dtype(out.dtype)
         return out
+
+    def _linear_weight_grad(self, x: Tensor, dy: Tensor) -> Tensor:
+        return dy.reshape(-1, self.out_features).t() @ x.reshape(-1, self.in_features)
 
     def to_dense(self) -> nn.Linear:
         """The equivalent ``nn.Linear`` (pruned weights are zeros)."""

@@ -264,3 +264,168 @@ def test_float64_layer_under_autocast_computes_densely_in_float64():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer(x)
     assert y.dtype == torch.bfloat16
+
+
+# ---- patterns that change: set_mask_, dense gradients, the mask in the state dict ---------------------------------
+
+
+def _moved_mask(mask, n_move, seed=0):
+    """``mask`` with ``n_move`` kept positions moved to pruned ones (same count)."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = mask.clone().reshape(-1)
+    kept, free = flat.nonzero().flatten(), (~flat).nonzero().flatten()
+    flat[kept[torch.randperm(kept.numel(), generator=gen)[:n_move]]] = False
+    flat[free[torch.randperm(free.numel(), generator=gen)[:n_move]]] = True
+    return flat.view(mask.shape)
+
+
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.SGD, torch.optim.Adam])
+@pytest.mark.parametrize("make", ["conv", "linear"])
+def test_set_mask_keeps_survivors_with_their_optimizer_state_and_starts_new_weights_at_zero(optimizer_cls, make):
+    if make == "conv":
+        dense, mask = _masked_conv()
+        layer = SparseConv2d.from_dense(dense, mask)
+        x = torch.randn(3, 6, 5, 5, dtype=torch.float64)
+    else:
+        torch.manual_seed(0)
+        dense = nn.Linear(12, 7).double()
+        mask = torch.rand_like(dense.weight) < 0.4
+        layer = SparseLinear.from_dense(dense, mask)
+        x = torch.randn(4, 12, dtype=torch.float64)
+    kwargs = {"momentum": 0.9} if optimizer_cls is torch.optim.SGD else {}
+    opt = optimizer_cls(layer.parameters(), lr=0.1, **kwargs)
+    layer(x).square().sum().backward()
+    opt.step()
+    values = layer.values
+    before_w = layer.dense_weight().detach().clone()
+    before_state = {k: layer.pattern.scatter(v).detach().clone() for k, v in opt.state[values].items()
+                    if isinstance(v, torch.Tensor) and v.shape == values.shape}
+    assert before_state
+    new_mask = _moved_mask(mask, 5)
+    assert layer.set_mask_(new_mask, opt) == 5
+    assert layer.values is values  # the optimizer's parameter object stays
+    assert torch.equal(layer.mask(), new_mask)
+    survived, grown = new_mask & mask, new_mask & ~mask
+    w = layer.dense_weight().detach()
+    assert torch.equal(w[survived], before_w[survived])
+    assert torch.equal(w[grown], torch.zeros_like(w[grown])) and torch.equal(w[~new_mask], torch.zeros_like(w[~new_mask]))
+    for k, v in opt.state[values].items():
+        if k in before_state:
+            moved = layer.pattern.scatter(v)
+            assert torch.equal(moved[survived], before_state[k][survived]), k
+            assert torch.equal(moved[grown], torch.zeros_like(moved[grown])), k
+    # The layer still computes its (new) masked dense weight, forward and backward, and keeps training.
+    reference = type(dense)(*((6, 8, 3) if make == "conv" else (12, 7)), **({"padding": 1} if make == "conv" else {}))
+    reference = reference.double()
+    with torch.no_grad():
+        reference.weight.copy_(layer.dense_weight())
+        reference.bias.copy_(layer.bias)
+    opt.zero_grad()
+    _check_against_masked_dense(layer, reference, new_mask, x.clone())
+    opt.step()
+
+
+def test_set_mask_rebuilds_the_compaction_and_chooses_the_mode_again():
+    from graspext import sparsify
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
+    mask = torch.zeros(8, 8, 3, 3, dtype=torch.bool)
+    mask[:2] = True  # 6 dead output channels: compact under the cost model (density 0.25: dense side)
+    model = sparsify(model, {"0.weight": mask})
+    layer = model[0]
+    assert layer.mode == "compact" and layer.dead_channels == (6, 0)
+    inputs_dead = torch.zeros(8, 8, 3, 3, dtype=torch.bool)
+    inputs_dead.view(8, -1)[:, :18] = True  # same count: every output live, inputs 2..7 dead
+    layer.set_mask_(inputs_dead)
+    assert layer.dead_channels == (0, 6) and layer.mode == "compact"
+    spread = torch.zeros(8 * 8 * 9, dtype=torch.bool)
+    spread[torch.randperm(spread.numel(), generator=torch.Generator().manual_seed(0))[:144]] = True
+    layer.set_mask_(spread.view(8, 8, 3, 3))
+    assert layer.dead_channels == (0, 0) and layer.mode == "dense" and "cost model" in layer.decision
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(layer(x), F.conv2d(x, layer.dense_weight(), layer.bias, padding=1))
+
+
+def test_set_mask_refuses_another_count_shape_or_dtype():
+    dense, mask = _masked_conv()
+    layer = SparseConv2d.from_dense(dense, mask)
+    more = mask.clone()
+    more.view(-1)[(~mask).view(-1).nonzero()[0]] = True
+    with pytest.raises(ValueError, match=r"mask keeps \d+ weights but the layer keeps \d+"):
+        layer.set_mask_(more)
+    with pytest.raises(ValueError, match="mask has shape"):
+        layer.set_mask_(mask[:4])
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        layer.set_mask_(mask.double())
+    with pytest.raises(ValueError, match="reinit must be a tensor of the weight's shape"):
+        layer.set_mask_(mask, reinit=mask[:2])
+    assert torch.equal(layer.mask(), mask)  # unchanged after the refusals
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense", "compact"])
+@pytest.mark.parametrize("kwargs", [{}, {"stride": 2, "bias": False}, {"padding": 0}])
+def test_dense_grad_is_the_gradient_at_every_position(mode, kwargs):
+    dense, mask = _masked_conv(**kwargs)
+    layer = SparseConv2d.from_dense(dense, mask, mode=mode)
+    x = torch.randn(3, 6, 7, 7, dtype=torch.float64)
+    grad_out = torch.randn_like(dense(x))
+    layer.request_dense_grad()
+    layer(x).backward(grad_out)
+    weight = dense.weight.detach().clone().requires_grad_()
+    F.conv2d(x, weight, dense.bias, dense.stride, dense.padding).backward(grad_out)
+    torch.testing.assert_close(layer.dense_grad(), weight.grad)
+    assert bool((weight.grad[~mask] != 0).any())  # pruned positions have gradients too
+    torch.testing.assert_close(layer.values.grad, weight.grad[mask])  # the sparse gradient is unchanged
+    # Steps without a request capture nothing.
+    layer(x).backward(grad_out)
+    with pytest.raises(RuntimeError, match="no dense gradient was requested"):
+        layer.dense_grad()
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense", "compact"])
+def test_linear_dense_grad(mode):
+    torch.manual_seed(1)
+    dense = nn.Linear(10, 6).double()
+    mask = torch.rand_like(dense.weight) < 0.3
+    mask[3] = False  # a dead output row
+    layer = SparseLinear.from_dense(dense, mask, mode=mode)
+    x = torch.randn(5, 10, dtype=torch.float64)
+    layer.request_dense_grad()
+    layer(x).sum().backward()
+    weight = dense.weight.detach().clone().requires_grad_()
+    F.linear(x, weight, dense.bias).sum().backward()
+    torch.testing.assert_close(layer.dense_grad(), weight.grad)
+
+
+def test_dense_grad_errors_say_what_is_missing():
+    dense, mask = _masked_conv()
+    layer = SparseConv2d.from_dense(dense, mask)
+    layer.request_dense_grad()
+    with pytest.raises(RuntimeError, match="no dense gradient was captured"):
+        layer.dense_grad()
+    layer(torch.randn(1, 6, 4, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="no backward reached this layer"):
+        layer.dense_grad()
+    layer.values.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="do not require grad"):
+        layer.request_dense_grad()
+
+
+def test_the_current_mask_travels_in_the_state_dict_and_dense_models_still_load_it(tmp_path):
+    dense, mask = _masked_conv()
+    layer = SparseConv2d.from_dense(dense, mask)
+    new_mask = _moved_mask(mask, 7)
+    layer.set_mask_(new_mask)  # the 7 grown weights are exactly zero: the weight alone cannot tell them apart
+    torch.save(layer.state_dict(), tmp_path / "layer.pt")
+    state = torch.load(tmp_path / "layer.pt", weights_only=True)
+    fresh = SparseConv2d.from_dense(dense, mask)  # built with the initial pattern
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.mask(), new_mask)
+    assert torch.equal(fresh.values, layer.values)
+    plain = nn.Conv2d(6, 8, 3, padding=1).double()
+    plain.load_state_dict(state)  # strict: the mask is metadata, not a key
+    torch.testing.assert_close(plain.weight, layer.dense_weight().detach())
+    other = SparseConv2d.from_dense(dense, _moved_mask(mask, 3) & mask)  # fewer kept weights
+    with pytest.raises(RuntimeError, match="this sparse layer keeps"):
+        other.load_state_dict(state)
