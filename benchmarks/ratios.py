@@ -9,6 +9,8 @@ Sparse training (--sparse; see sparse_workloads.py): median forward+backward mil
 torch against graspext's sparse kernels (and torch.sparse CSR for Linear), and the end-to-end train step.
 bfloat16 (--bf16): the train step against dense float32, dense bfloat16 autocast with channels_last, graspext
 in float32 and bfloat16, and SparseProp.
+Dynamic sparse training (--dst; see dst_workloads.py): the mean train step of a RigL run (updates every 100
+steps included) against the static sparse step, dense float32, dense bfloat16 channels_last and rigl-torch.
 """
 
 from __future__ import annotations
@@ -180,6 +182,49 @@ def bf16_step_table(repeats: int, quick: bool) -> None:
                       f"{t['dense'] / t['bf16']:.2f}x |", flush=True)
 
 
+def dst_step_table(repeats: int, quick: bool) -> None:
+    """RigL's mean step (ΔT = 100) against the static sparse step, dense fp32, dense bf16 channels_last and
+    rigl-torch, in one run; the update iteration is timed separately and amortized over ΔT steps."""
+    from dst_workloads import DELTA_T, RigLStepCase, RigLTorchCase, optimizer_state_bytes
+    from rigl_torch_peer import rigl_torch_available
+    from sparse_workloads import StepCase
+
+    rows = [("resnet32_grasp", 0.98)] if quick else [(m, s) for m in ("vgg19_bn", "resnet32_grasp")
+                                                      for s in (0.90, 0.95, 0.98)]
+    print(f"\n| model @ sparsity (ERK), batch 128, ms | dense fp32 | dense bf16 CL | ours static | ours update "
+          f"iteration | ours RigL mean (ΔT={DELTA_T}) | update overhead | ours bf16 RigL mean | rigl-torch fp32 mean "
+          "| rigl-torch bf16 CL mean | best ours vs best dense | vs best rigl-torch | optimizer state, ours / dense |")
+    print("| --- | " + " | ".join(["---:"] * 12) + " |")
+    for model_name, sparsity in rows:
+        dense, dense_bf16 = StepCase(model_name, None), StepCase(model_name, None, amp=True, channels_last=True)
+        ours, ours_bf16 = RigLStepCase(model_name, sparsity), RigLStepCase(model_name, sparsity, amp=True)
+        steps = {"dense": dense.step, "dense bf16": dense_bf16.step, "static": ours.static_step,
+                 "update": ours.update_step, "static bf16": ours_bf16.static_step,
+                 "update bf16": ours_bf16.update_step}
+        peers = {}
+        if rigl_torch_available():
+            peers = {"rt": RigLTorchCase(model_name, sparsity), "rt bf16": RigLTorchCase(model_name, sparsity, True,
+                                                                                         True)}
+            for name, case in peers.items():  # each round: one ordinary call, then one update call
+                for kind in ("plain", "update"):
+                    steps[f"{name} {kind}"] = case.step
+        t = interleaved_medians(steps, repeats, warmup=2)
+
+        def mean(static, update):
+            return static + (update - static) / DELTA_T
+
+        ours_mean, ours_bf16_mean = mean(t["static"], t["update"]), mean(t["static bf16"], t["update bf16"])
+        rt = {n: mean(t[f"{n} plain"], t[f"{n} update"]) for n in peers}
+        best_dense, best_ours = min(t["dense"], t["dense bf16"]), min(ours_mean, ours_bf16_mean)
+        state = optimizer_state_bytes(ours.optimizer) / optimizer_state_bytes(dense.opt)
+        print(f"| {model_name} @ {sparsity:.0%} | {t['dense']:.0f} | {t['dense bf16']:.0f} | {t['static']:.0f} | "
+              f"{t['update']:.0f} | {ours_mean:.0f} | {(ours_mean - t['static']) / t['static']:.1%} | "
+              f"{ours_bf16_mean:.0f} | {rt.get('rt', float('nan')):.0f} | {rt.get('rt bf16', float('nan')):.0f} | "
+              f"{best_dense / best_ours:.2f}x | {min(rt.values(), default=float('nan')) / best_ours:.2f}x | "
+              f"{state:.3f} |", flush=True)
+        del dense, dense_bf16, ours, ours_bf16, peers, steps
+
+
 def interleaved_medians(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median milliseconds of each step, timed in turn (one call of each per round), so that a slow phase of a
     noisy machine hits every configuration alike; each is warmed up first (allocator pools, oneDNN primitives)."""
@@ -203,8 +248,13 @@ def main() -> None:
     parser.add_argument("--sparse", action="store_true", help="only the sparse-training tables")
     parser.add_argument("--bf16", action="store_true",
                         help="only the train-step table against dense bfloat16 (AMX) and SparseProp")
+    parser.add_argument("--dst", action="store_true",
+                        help="only the RigL train-step table (update overhead, dense, rigl-torch)")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
+    if args.dst:
+        dst_step_table(args.repeats, args.quick)
+        return
     if args.bf16:
         bf16_step_table(args.repeats, args.quick)
         return

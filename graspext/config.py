@@ -12,6 +12,9 @@
     [train]                       # graspext.TrainConfig fields; omit the table to prune only
     epochs = 160
     weight_decay = 5e-4
+    [dst]                         # optional: dynamic sparse training from the [prune] masks
+    method = "rigl"               # "rigl" or "set", then graspext.dst.RigL / SET fields
+    frequency = 100
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-TOP_LEVEL = {"name", "model", "dataset", "seed", "batch_size", "prune", "train"}
+TOP_LEVEL = {"name", "model", "dataset", "seed", "batch_size", "prune", "train", "dst"}
 
 
 @dataclass
@@ -41,6 +44,7 @@ class ExperimentConfig:
     batch_size: int = 128
     prune_options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] | None = None
+    dst: dict[str, Any] | None = None  # graspext.dst.from_dict options (method first)
 
 
 def list_configs() -> list[str]:
@@ -102,9 +106,19 @@ def load_config(name_or_path: str) -> ExperimentConfig:
             TrainConfig(**train)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"config {path}: train: {exc}") from exc
+    dst = raw.get("dst")
+    if dst is not None:
+        from graspext.dst import from_dict
+
+        if train is None:
+            raise ValueError(f"config {path}: a [dst] table needs a [train] table (dynamic sparse training trains)")
+        try:
+            from_dict(dst)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"config {path}: dst: {exc}") from exc
     return ExperimentConfig(name=raw.get("name", path.stem), model=raw["model"], dataset=raw["dataset"],
                             method=method, sparsity=float(sparsity), seed=raw.get("seed", 0),
-                            batch_size=raw.get("batch_size", 128), prune_options=prune, train=train)
+                            batch_size=raw.get("batch_size", 128), prune_options=prune, train=train, dst=dst)
 
 
 def _method_fields(cls) -> set[str]:

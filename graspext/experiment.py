@@ -95,9 +95,17 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str, *, data_root: str | None
         return summary
     test_loader = torch.utils.data.DataLoader(data.load(cfg.dataset, data_root, train=False), batch_size=256,
                                               num_workers=workers)
-    result = gx.train(model, loader, test_loader, masks=masks,
+    dst = None
+    if cfg.dst:
+        from graspext.dst import from_dict
+
+        dst = from_dict({"seed": cfg.seed, **cfg.dst})
+    result = gx.train(model, loader, test_loader, masks=masks, dst=dst,
                       **{"seed": cfg.seed, **cfg.train, "out_dir": out_dir, "progress": progress})
     summary.update(best_test_acc=result.best_test_acc, final_test_acc=result.final_test_acc)
+    if dst is not None:
+        summary.update(dst=dst.method, mask_updates=result.summary["mask_updates"],
+                       mean_changed_fraction=result.summary["mean_changed_fraction"])
     return summary
 
 

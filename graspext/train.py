@@ -114,6 +114,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     # The masks at the end of training (dynamic sparse training moves them); None for a dense run.
     masks: Masks | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # what summary.json holds
 
 
 def _seed_epoch(seed: int, epoch: int, loaders) -> None:
@@ -372,12 +373,12 @@ class Trainer:
             if sparse:
                 densify(self.model, inplace=True)
             self.sparse_layers, self.mask_handle = {}, None
-        result = TrainResult(best_test_acc=best, final_test_acc=history[-1]["test_acc"], history=history,
-                             masks=final_masks)
-        summary = {"best_test_acc": result.best_test_acc, "final_test_acc": result.final_test_acc,
-                   "epochs": c.epochs, "sparse_kernels": sparse, "config": asdict(c)}
+        summary = {"best_test_acc": best, "final_test_acc": history[-1]["test_acc"], "epochs": c.epochs,
+                   "sparse_kernels": sparse, "config": asdict(c)}
         for cb in self.callbacks:
             cb.on_fit_end(self, summary)
+        result = TrainResult(best_test_acc=best, final_test_acc=history[-1]["test_acc"], history=history,
+                             masks=final_masks, summary=summary)
         if c.out_dir:
             if final_masks is not None and any(not torch.equal(final_masks[n].cpu(), self.masks[n].cpu())
                                                for n in self.masks):

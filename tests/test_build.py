@@ -1,5 +1,6 @@
 """The build helpers in setup.py and the extension loader's messages."""
 
+import os
 import stat
 import types
 from pathlib import Path
@@ -48,10 +49,60 @@ def test_finds_toolkit_behind_wrapper_script(tmp_path, monkeypatch, setup_module
 
 
 def test_env_cuda_home_must_be_real_toolkit(tmp_path, monkeypatch, setup_module_helpers):
-    monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # no bin/nvcc there
-    assert not setup_module_helpers._is_cuda_toolkit(tmp_path)
+    """find_cuda_home() checks the folder CUDA_HOME names (bin/nvcc and include/cuda_runtime.h), never trusts it."""
+    helpers = setup_module_helpers
+    real_check = helpers._is_cuda_toolkit
+    checked = []
+
+    def only_under_tmp(p):
+        # The machine's own toolkits (/usr/local/cuda, ...) must not answer for the folder under test.
+        checked.append(str(p))
+        return str(Path(p).resolve()).startswith(str(tmp_path.resolve())) and real_check(p)
+
+    monkeypatch.setattr(helpers, "_is_cuda_toolkit", only_under_tmp)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    empty_bin = tmp_path / "empty-bin"
+    empty_bin.mkdir()
+    monkeypatch.setenv("PATH", str(empty_bin))  # no nvcc on PATH
+
+    bogus = tmp_path / "not-a-toolkit"
+    (bogus / "include").mkdir(parents=True)
+    (bogus / "include" / "cuda_runtime.h").write_text("")  # headers, but no bin/nvcc
+    monkeypatch.setenv("CUDA_HOME", str(bogus))
+    assert helpers.find_cuda_home() is None
+    assert checked[0] == str(bogus)  # CUDA_HOME was read, checked first, and refused
+
+    wrapper_dir = tmp_path / "wrapper-only"
+    (wrapper_dir / "bin").mkdir(parents=True)
+    (wrapper_dir / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (wrapper_dir / "bin" / "nvcc").chmod(0o755)  # an nvcc, but no runtime headers beside it
+    monkeypatch.setenv("CUDA_HOME", str(wrapper_dir))
+    assert helpers.find_cuda_home() is None
+
     _fake_toolkit(tmp_path / "tk")
-    assert setup_module_helpers._is_cuda_toolkit(tmp_path / "tk")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "tk"))
+    assert helpers.find_cuda_home() == str((tmp_path / "tk").resolve())
+
+    # What the build does with a bogus CUDA_HOME: GRASPEXT_CUDA=1 stops with the toolkit message.
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # as if torch were a CUDA build
+    monkeypatch.setenv("GRASPEXT_CUDA", "1")
+    monkeypatch.setenv("CUDA_HOME", str(bogus))
+    with pytest.raises(SystemExit, match="GRASPEXT_CUDA=1 but no CUDA toolkit found"):
+        helpers._configure_cuda()
+    monkeypatch.setenv("GRASPEXT_CUDA", "auto")
+    assert helpers._configure_cuda() is False
+    assert os.environ["CUDA_HOME"] == str(bogus)  # not replaced by anything
+
+    # A CUDA_HOME that passes the check is the one whose nvcc is asked for its release.
+    tk = tmp_path / "tk"
+    monkeypatch.setenv("CUDA_HOME", str(tk))
+    monkeypatch.setenv("GRASPEXT_CUDA", "1")
+    with pytest.raises(SystemExit, match=r"toolkit at .*tk is release \? but torch was built with CUDA 12\.8"):
+        helpers._configure_cuda()  # the fake nvcc prints no release
+    (tk / "bin" / "nvcc").write_text('#!/bin/sh\necho "Cuda compilation tools, release 12.8, V12.8.93"\n')
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert helpers._configure_cuda() is True
+    assert os.environ["CUDA_HOME"] == str(tk.resolve())
 
 
 def test_cuda_switch_values(monkeypatch, setup_module_helpers):

@@ -2,6 +2,8 @@ import json
 import os
 import time
 
+import pytest
+
 import graspext as gx
 from graspext.cli import main
 
@@ -22,6 +24,7 @@ def test_prune_command_bad_input(capsys):
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_command_with_masks_and_resume(tmp_path, capsys):
     masks = tmp_path / "masks.pt"
     assert main(["prune", "--model", "vgg11_bn", "--method", "magnitude", "--sparsity", "0.9",
@@ -44,6 +47,7 @@ def test_train_command_with_masks_and_resume(tmp_path, capsys):
     assert "is not a parameter of the model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_commands_read_cifar_from_disk_and_report_missing_data(tmp_path, capsys):
     from tests.data.test_datasets import _write_cifar
 
@@ -59,6 +63,7 @@ def test_commands_read_cifar_from_disk_and_report_missing_data(tmp_path, capsys)
     assert "model must be one of" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_run_command_prunes_trains_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "--config", "digits-vgg11-grasp-98", "--epochs", "1", "--out", str(out), "--no-progress"]
@@ -80,6 +85,21 @@ def test_run_command_prunes_trains_and_resumes(tmp_path, capsys):
     assert "contradicts the config's dataset" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_run_command_trains_rigl_from_a_config(tmp_path, capsys):
+    out = tmp_path / "rigl"
+    args = ["run", "--config", "digits-vgg11-rigl-90", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dst"]["method"] == "rigl" and summary["mask_updates"] == 2  # steps 0 and 5 of 12 (end 9)
+    assert 0 < summary["mean_changed_fraction"] <= 0.3
+    initial, final = gx.Masks.load(out / "masks.pt"), gx.Masks.load(out / "final_masks.pt")
+    assert set(initial) == set(final) and initial.num_kept() == final.num_kept()
+    assert any(not bool((initial[n] == final[n]).all()) for n in initial)
+    assert "features.0.weight" not in initial  # the first layer stays dense
+
+
+@pytest.mark.slow
 def test_sweep_table_and_resume(tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["sweep", "--model", "resnet20", "--methods", "magnitude,random", "--sparsities", "0.5,0.9",
@@ -131,6 +151,7 @@ def test_sweep_table_and_resume(tmp_path, capsys):
         assert (moved / "report" / f"{stem}.png").stat().st_size > 2000, stem
 
 
+@pytest.mark.slow
 def test_demo_command(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--model", "resnet20", "--sparsity", "0.9", "--epochs", "1", "--out", str(out),

@@ -23,6 +23,28 @@ def test_paper_settings():
     assert load_config("cifar10-vgg19-grasp-90").train["weight_decay"] == 5e-4
 
 
+def test_rigl_paper_settings():
+    from graspext.dst import RigL, from_dict
+
+    for sparsity in (80, 90, 95):
+        cfg = load_config(f"cifar10-wrn22_2-rigl-{sparsity}")
+        assert (cfg.model, cfg.method, cfg.sparsity, cfg.batch_size) == ("wrn22_2", "random", sparsity / 100, 128)
+        assert cfg.prune_options == {"scope": "layerwise", "distribution": "erk", "keep_first_dense": True}
+        assert cfg.train["lr"] == 0.1 and cfg.train["lr_gamma"] == 0.2 and cfg.train["weight_decay"] == 5e-4
+        steps_per_epoch = -(-50_000 // 128)
+        total = cfg.train["epochs"] * steps_per_epoch
+        assert abs(total - 97_656) < steps_per_epoch  # the paper's 97,656 steps, in whole epochs
+        assert [round(f * total, -3) for f in cfg.train["lr_milestones"]] == [30_000, 60_000, 90_000]
+        dst = from_dict(cfg.dst)
+        assert dst == RigL(frequency=100, drop_fraction=0.3, end_step=75_000)
+        assert dst.resolved_end_step(total) == 75_000
+    for model in ("vgg19", "resnet32"):
+        for sparsity in (90, 95, 98):
+            cfg = load_config(f"cifar10-{model}-rigl-{sparsity}")
+            assert from_dict(cfg.dst) == RigL() and cfg.train["epochs"] == 160
+    assert from_dict(load_config("digits-vgg11-rigl-90").dst).frequency == 5
+
+
 @pytest.mark.parametrize("text, match", [
     ('model = "vgg19_bn"\ndataset = "cifar10"\ncolour = 1\n[prune]\nmethod = "snip"\nsparsity = 0.9\n',
      "unknown key"),
@@ -43,6 +65,14 @@ def test_paper_settings():
      "bad.toml: batch_size must be an int >= 1, got 0"),
     ('model = 3\ndataset = "cifar10"\n[prune]\nmethod = "snip"\nsparsity = 0.9\n', "model must be a model name"),
     ('model = "vgg19_bn"\ndataset = "cifar10"\n', "missing 'prune'"),
+    ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[train]\nepochs = 1\n'
+     '[dst]\nmethod = "rigl"\nfrequncy = 10\n', "dst: unknown dst option.*frequncy"),
+    ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[train]\nepochs = 1\n'
+     '[dst]\nmethod = "prune"\n', "dst method must be one of"),
+    ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[train]\nepochs = 1\n'
+     '[dst]\nmethod = "set"\ndrop_fraction = 1.5\n', r"dst: drop_fraction must be a number in \(0, 1\)"),
+    ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[dst]\nmethod = "rigl"\n',
+     r"a \[dst\] table needs a \[train\] table"),
     ('model = "vgg19_bn\n', "not valid TOML"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, match):

@@ -62,6 +62,7 @@ def _kill_and_resume(tmp_path, config):
     return full, full_state, resumed, model.state_dict(), masks
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     full, full_state, resumed, resumed_state, _ = _kill_and_resume(tmp_path, CFG)
     assert _metrics(resumed.history) == _metrics(full.history)
@@ -91,6 +92,7 @@ def test_cuda_amp_keeps_masks_and_resumes_after_kill(tmp_path, monkeypatch, kern
     assert torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["scaler"]["scale"] > 0
 
 
+@pytest.mark.slow
 def test_cpu_bf16_amp_tracks_float32_keeps_masks_and_resumes_after_kill(tmp_path):
     """amp="bf16" on the CPU: the sparse layers compute in bfloat16 (the report says so), the loss curve tracks
     the float32 run's, pruned weights stay exactly zero, and a run killed in epoch three resumes bit for bit."""
@@ -151,6 +153,7 @@ def test_numpy_scalars_are_accepted_as_numbers():
     assert type(config.lr) is float and config.lr == pytest.approx(0.05)
 
 
+@pytest.mark.slow
 def test_result_files_honour_the_umask(tmp_path):
     previous = os.umask(0o022)
     try:
@@ -162,6 +165,7 @@ def test_result_files_honour_the_umask(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
 
 
+@pytest.mark.slow
 def test_deterministic_masks_enforced_and_results_written(tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -218,6 +222,7 @@ def test_tensorboard_logging(tmp_path):
     assert [e.step for e in events.Scalars("test_acc")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_sparse_kernels_train_like_masked_dense_weights(tmp_path):
     """kernels='sparse' (only kept weights computed) and kernels='dense' (masked) follow the same run."""
     runs = {}

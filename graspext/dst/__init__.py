@@ -13,7 +13,7 @@ from torch import nn
 from graspext.dst.config import METHODS, SET, DynamicSparsity, RigL, from_dict
 from graspext.masks import Masks
 
-__all__ = ["DynamicSparsity", "RigL", "SET", "METHODS", "from_dict", "initial_masks", "INITS"]
+__all__ = ["INITS", "METHODS", "SET", "DynamicSparsity", "RigL", "from_dict", "initial_masks"]
 
 INITS = ("erk", "uniform")
 

@@ -110,7 +110,8 @@ class DynamicSparsityCallback(Callback):
         c = self.config
         end_step = c.resolved_end_step(trainer.total_steps)
         self.schedule = UpdateSchedule(c.begin_step, end_step, c.frequency)
-        names = list(trainer.masks)
+        # A fully dense (or empty) mask has no free position to grow into, so it never moves.
+        names = [n for n, m in trainer.masks.items() if 0 < int(m.sum()) < m.numel()]
         if trainer.sparse_layers:
             self.targets = {n: _SparseLayerTarget(trainer.sparse_layers[n]) for n in names}
         elif trainer.mask_handle is not None:
@@ -165,11 +166,11 @@ class DynamicSparsityCallback(Callback):
             else:
                 grow_score = torch.rand(mask.shape, generator=stateless_generator(c.seed, name, step, "grow"),
                                         dtype=torch.float64).to(mask.device)
-            noise = None
-            if c.noise_std > 0:
-                noise = torch.randn(mask.shape, generator=stateless_generator(c.seed, name, step, "drop"),
-                                    dtype=torch.float64).mul_(c.noise_std).to(mask.device)
             n_active = int(mask.sum())
+            noise = None
+            if c.noise_std > 0:  # one draw per active weight, in flat-index order
+                noise = torch.randn(n_active, generator=stateless_generator(c.seed, name, step, "drop"),
+                                    dtype=torch.float64).mul_(c.noise_std)
             new_mask, grown = drop_and_grow(mask, weight, grow_score, num_to_drop(n_active, fraction), noise)
             reinit = grown & mask if c.reinit_when_same else None
             values = _grow_values(c, weight, new_mask, grad, stateless_generator(c.seed, name, step, "init"))

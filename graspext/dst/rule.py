@@ -41,7 +41,8 @@ def drop_and_grow(mask: Tensor, weight: Tensor, grow_score: Tensor, n_drop: int,
                   drop_noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(new_mask, grown)`` for one layer; ``grown`` marks the positions the grow step chose.
 
-    All tensors have the weight's shape. The kept count is unchanged: ``n_drop`` go, ``n_drop`` come.
+    ``mask``, ``weight`` and ``grow_score`` have the weight's shape; ``drop_noise`` has one entry per active
+    weight, in flat-index order. The kept count is unchanged: ``n_drop`` go, ``n_drop`` come.
     """
     flat_mask = mask.reshape(-1)
     active = flat_mask.nonzero().flatten()
@@ -49,7 +50,10 @@ def drop_and_grow(mask: Tensor, weight: Tensor, grow_score: Tensor, n_drop: int,
         raise ValueError(f"n_drop must be in [0, {active.numel()}] (the active weights), got {n_drop}")
     drop_score = weight.detach().reshape(-1)[active].abs()
     if drop_noise is not None:
-        drop_score = drop_score + drop_noise.reshape(-1)[active].to(drop_score.dtype)
+        if drop_noise.numel() != active.numel():
+            raise ValueError(f"drop_noise must have one entry per active weight ({active.numel()}), "
+                             f"got {drop_noise.numel()}")
+        drop_score = drop_score + drop_noise.reshape(-1).to(device=drop_score.device, dtype=drop_score.dtype)
     kept_after_drop = torch.zeros_like(flat_mask)
     kept_after_drop[active[top_k_first_index(drop_score, active.numel() - n_drop)]] = True
 

@@ -88,7 +88,7 @@ def masked_dense_rigl(model: nn.Module, masks: dict[str, Tensor], epochs_of_batc
     """TF1 RigL on a masked dense model: returns the trained model, the final masks and the update steps.
 
     ``epochs_of_batches``: per epoch, its list of ``(x, y)``; ``lrs``: the learning rate of each epoch;
-    ``noise_fn(name, step)``: the drop step's tie-break noise (None: none). Every batch is one step (TF1 RigL does
+    ``noise_fn(name, step, mask)``: the drop step's tie-break noise (None: none). Every batch is one step (TF1 RigL does
     not advance its global step on update iterations; graspext counts every batch).
     """
     model = copy.deepcopy(model)
@@ -111,7 +111,7 @@ def masked_dense_rigl(model: nn.Module, masks: dict[str, Tensor], epochs_of_batc
                 with torch.no_grad():
                     for n, m in masks.items():
                         p = params[n]
-                        noise = noise_fn(n, step) if noise_fn is not None else None
+                        noise = noise_fn(n, step, m) if noise_fn is not None else None
                         new_mask, new_weights, new_conn = rigl_mask_update_official(m, p, p.grad, fraction, noise)
                         buffers[n] = torch.where(new_conn, torch.zeros_like(buffers[n]), buffers[n])
                         # graspext keeps no state off the mask: the official decaying momentum there never

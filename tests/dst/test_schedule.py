@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from graspext.dst import RigL, SET
+from graspext.dst import SET, RigL
 from graspext.dst.schedule import UpdateSchedule, drop_fraction, num_to_drop, update_steps
 from graspext.testing.official_rigl import cosine_drop_fraction_official, is_mask_update_iter_official
 

@@ -58,9 +58,11 @@ def test_rigl_run_ends_with_the_masks_of_the_official_rule(kernels):
     batches = [list(_loader(data))] * 3
     lrs = [r["lr"] for r in result.history]
 
-    def noise(name, step):
-        return torch.randn(masks[name].shape, generator=stateless_generator(3, name, step, "drop"),
-                           dtype=torch.float64) * 1e-5
+    def noise(name, step, mask):
+        full = torch.zeros(mask.shape, dtype=torch.float64)
+        full[mask] = torch.randn(int(mask.sum()), generator=stateless_generator(3, name, step, "drop"),
+                                 dtype=torch.float64) * 1e-5
+        return full
 
     ref_model, ref_masks, updates = masked_dense_rigl(net, dict(masks), batches, lrs, frequency=4, end_step=14,
                                                       weight_decay=5e-4, noise_fn=noise)
@@ -167,7 +169,7 @@ class _KilledLoader:
 @pytest.mark.parametrize("kernels,method", [("sparse", RigL), ("dense", RigL), ("sparse", SET)])
 def test_resume_after_kill_reproduces_the_run_bit_for_bit(tmp_path, kernels, method):
     data = _data(torch.float32, n=40)
-    options = dict(epochs=3, progress=False, kernels=kernels, lr=0.05)
+    options = {"epochs": 3, "progress": False, "kernels": kernels, "lr": 0.05}
     config = method(frequency=3, end_step=12)
     masks = initial_masks(_net(torch.float32), 0.8)
 

@@ -180,6 +180,7 @@ def test_autocast_keeps_float64():
     torch.testing.assert_close(y, F.conv2d(x.double(), weight.double(), b.double(), 1, 1))
 
 
+@pytest.mark.slow
 def test_float16_autocast_computes_in_float32_and_warns_once():
     """The CPU kernels have no float16 path: float32 results, one warning per process (checked in a fresh one)."""
     script = """

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 import graspext as gx
+import graspext.pruning as pruning_pkg
 from graspext.testing.official import snip_official, synflow_official
 from tests.conftest import class_sorted_batch
+from tests.pruning.rounds import assert_round_counts, assert_rounds_nested, masks_by_round, record_round_masks
 
 
 @pytest.mark.parametrize("kind", ["vgg", "resnet"])
@@ -38,10 +40,42 @@ def test_synflow_defaults_and_data_free(make_model):
         gx.prune(model, "synflow", 0.9, input_shape=(3, -1))
 
 
-def test_iterative_rounds_never_revive(make_model):
+def test_iterative_rounds_never_revive(make_model, monkeypatch):
     model = make_model("vgg")
+    calls = record_round_masks(monkeypatch)
     few = gx.prune(model, "synflow", 0.9, input_shape=(3, 8, 8), rounds=5)
+    names = list(few)
+    assert len(calls) == 5  # global scope: one selection over all layers per round
+    rounds = masks_by_round(calls, len(names), 5)
+    assert_rounds_nested(rounds)
+    assert_round_counts(rounds, 0.9)
+    assert all(torch.equal(few[n], rounds[-1][i].to(few[n].device)) for i, n in enumerate(names))
     assert few.num_total() - few.num_kept() == int(few.num_total() * 0.9)
+
+
+def test_revival_check_fails_on_a_swapped_weight(make_model, monkeypatch):
+    """The check above is not vacuous: a round that revives one weight and drops another (same totals) fails it."""
+    selection_calls = []
+    real = pruning_pkg.select_masks
+
+    def reviving(scores, num_remove, remove_largest):
+        masks, kept = real(scores, num_remove, remove_largest)
+        if len(selection_calls) == 1:  # round 2: bring back one weight round 1 removed, drop a kept one
+            prev = selection_calls[0][0].flatten()
+            flat = masks[0].view(-1)
+            revive = int((~prev & ~flat).nonzero()[0])
+            drop = int(flat.nonzero()[0])
+            flat[revive], flat[drop] = True, False
+        selection_calls.append([m.clone() for m in masks])
+        return masks, kept
+
+    monkeypatch.setattr(pruning_pkg, "select_masks", reviving)
+    calls = record_round_masks(monkeypatch)
+    masks = gx.prune(make_model("vgg"), "synflow", 0.9, input_shape=(3, 8, 8), rounds=5)
+    rounds = masks_by_round(calls, len(masks), 5)
+    assert_round_counts(rounds, 0.9)  # the totals alone cannot see it
+    with pytest.raises(AssertionError, match=r"round 2 revives weights removed by round 1: .* \[\(0, 1\)\]"):
+        assert_rounds_nested(rounds)
 
 
 def test_magnitude_is_global_top_k(make_model):

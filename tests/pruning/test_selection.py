@@ -8,6 +8,7 @@ from torch import nn
 import graspext as gx
 from graspext.pruning.selection import erk_densities, layer_removals, num_to_remove
 from tests.conftest import class_sorted_batch
+from tests.pruning.rounds import assert_round_counts, assert_rounds_nested, masks_by_round, record_round_masks, revivals
 
 
 @pytest.mark.parametrize("method", ["grasp", "snip", "synflow", "magnitude", "random"])
@@ -54,11 +55,37 @@ def test_layer_removals_exact_total():
     assert sum(floored) == 980 and floored[0] == 10 and floored[2] >= 900
 
 
+def test_round_checks_catch_a_revived_weight_swapped_for_another():
+    """The round comparison fails on a revival hidden behind unchanged totals (one weight back, another gone)."""
+    old = [torch.tensor([True, True, False, False]), torch.tensor([[True, False], [False, True]])]
+    swapped = [torch.tensor([True, False, True, False]), old[1].clone()]  # index 2 revived, index 1 dropped
+    assert sum(int(m.sum()) for m in swapped) == sum(int(m.sum()) for m in old)
+    assert revivals(old, swapped) == [(0, 1)]
+    with pytest.raises(AssertionError, match=r"round 2 revives .*\[\(0, 1\)\]"):
+        assert_rounds_nested([old, swapped])
+    nested = [torch.tensor([True, False, False, False]), torch.tensor([[True, False], [False, False]])]
+    assert revivals(old, nested) == []
+    assert_rounds_nested([old, nested, nested])
+    with pytest.raises(AssertionError):
+        assert_rounds_nested([nested, old])  # growing back is a revival too
+
+
 @pytest.mark.parametrize("distribution", ["uniform", "erk"])
-def test_layerwise_iterative_rounds_are_monotone_and_exact(make_model, distribution):
+def test_layerwise_iterative_rounds_are_monotone_and_exact(make_model, monkeypatch, distribution):
     model = make_model("resnet")
+    calls = record_round_masks(monkeypatch)
     masks = gx.prune(model, "synflow", 0.95, input_shape=(3, 8, 8), rounds=7, scope="layerwise",
                      distribution=distribution, on_collapse="ignore")
+    names = list(masks)
+    assert len(calls) == 7 * len(names)  # one selection per layer per round
+    for got, num_remove in calls:
+        assert len(got) == 1 and got[0].numel() - int(got[0].sum()) == num_remove
+    rounds = masks_by_round(calls, len(names), 7)
+    for r, round_masks in enumerate(rounds):
+        assert [tuple(m.shape) for m in round_masks] == [tuple(masks[n].shape) for n in names], r
+    assert_rounds_nested(rounds)
+    assert_round_counts(rounds, 0.95)
+    assert all(torch.equal(masks[n], rounds[-1][i].to(masks[n].device)) for i, n in enumerate(names))
     assert masks.num_total() - masks.num_kept() == num_to_remove(masks.num_total(), 0.95)
 
 
