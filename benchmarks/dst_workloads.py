@@ -69,6 +69,18 @@ class RigLStepCase:
         self._forward_backward()
         self.optimizer.step()
 
+    def forward_backward(self) -> None:
+        """An ordinary forward and backward, without the optimizer step."""
+        self._forward_backward()
+
+    def dense_grad_forward_backward(self) -> None:
+        """Forward and backward with every sparse layer's dense gradient requested (and read)."""
+        for layer in self.trainer.sparse_layers.values():
+            layer.request_dense_grad()
+        self._forward_backward()
+        for layer in self.trainer.sparse_layers.values():
+            layer.dense_grad()
+
     def update_step(self) -> None:
         """An update iteration at step 0 of the schedule (the largest drop fraction, 0.3)."""
         self.trainer.global_step = 0

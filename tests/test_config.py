@@ -65,12 +65,12 @@ def test_rigl_paper_settings():
      "bad.toml: batch_size must be an int >= 1, got 0"),
     ('model = 3\ndataset = "cifar10"\n[prune]\nmethod = "snip"\nsparsity = 0.9\n', "model must be a model name"),
     ('model = "vgg19_bn"\ndataset = "cifar10"\n', "missing 'prune'"),
-    ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[train]\nepochs = 1\n'
-     '[dst]\nmethod = "rigl"\nfrequncy = 10\n', "dst: unknown dst option.*frequncy"),
-    ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[train]\nepochs = 1\n'
-     '[dst]\nmethod = "prune"\n', "dst method must be one of"),
-    ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[train]\nepochs = 1\n'
-     '[dst]\nmethod = "set"\ndrop_fraction = 1.5\n', r"dst: drop_fraction must be a number in \(0, 1\)"),
+    (('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[train]\nepochs = 1\n'
+      '[dst]\nmethod = "rigl"\nfrequncy = 10\n'), "dst: unknown dst option.*frequncy"),
+    (('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[train]\nepochs = 1\n'
+      '[dst]\nmethod = "prune"\n'), "dst method must be one of"),
+    (('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[train]\nepochs = 1\n'
+      '[dst]\nmethod = "set"\ndrop_fraction = 1.5\n'), r"dst: drop_fraction must be a number in \(0, 1\)"),
     ('model = "vgg19_bn"\ndataset = "cifar10"\n[prune]\nmethod = "random"\nsparsity = 0.9\n[dst]\nmethod = "rigl"\n',
      r"a \[dst\] table needs a \[train\] table"),
     ('model = "vgg19_bn\n', "not valid TOML"),

@@ -89,7 +89,7 @@ class DynamicSparsity:
             raise ValueError(f"grow_init={self.grow_init!r} needs the dense gradient, which only RigL computes")
         for name in ("reinit_when_same", "update_replaces_step"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if (isinstance(self.noise_std, bool) or not isinstance(self.noise_std, numbers.Real)
                 or not math.isfinite(self.noise_std) or self.noise_std < 0):
             raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")

@@ -68,11 +68,17 @@ def test_end_step_defaults_to_three_quarters_and_must_lie_within_the_training():
     ({"grow_init": "ones"}, "grow_init must be"),
     ({"grow_init": "random_normal_0"}, "divisor must not be zero"),
     ({"noise_std": -1.0}, "noise_std must be"),
-    ({"reinit_when_same": 1}, "reinit_when_same must be True or False"),
 ])
 def test_bad_settings_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RigL(**kwargs)
+
+
+def test_flags_must_be_booleans():
+    with pytest.raises(TypeError, match="reinit_when_same must be True or False"):
+        RigL(reinit_when_same=1)
+    with pytest.raises(TypeError, match="update_replaces_step must be True or False"):
+        SET(update_replaces_step="no")
 
 
 def test_set_has_no_gradient_to_grow_from():

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import graspext as gx
 from graspext.callbacks import Callback
@@ -15,47 +15,19 @@ from graspext.dst import SET, RigL, initial_masks
 from graspext.dst.rule import stateless_generator
 from graspext.masks import Masks
 from graspext.testing.official_rigl import masked_dense_rigl
-
-
-class TinyNet(nn.Module):
-    def __init__(self, classes=5):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16 * 4 * 4, classes)
-
-    def forward(self, x):
-        x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
-        x = nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
-        return self.fc(torch.flatten(x, 1))
-
-
-def _data(dtype=torch.float64, n=48, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, 16, 16, generator=gen, dtype=dtype), torch.randint(0, 5, (n,), generator=gen))
-
-
-def _net(dtype=torch.float64):
-    torch.manual_seed(0)
-    return TinyNet().to(dtype)
-
-
-def _loader(data, batch_size=8):
-    return DataLoader(data, batch_size=batch_size, shuffle=False)
+from tests.dst.helpers import ordered_loader, tiny_data, tiny_net
 
 
 @pytest.mark.parametrize("kernels", ["sparse", "dense"])
 def test_rigl_run_ends_with_the_masks_of_the_official_rule(kernels):
-    data, net = _data(), _net()
+    data, net = tiny_data(), tiny_net()
     masks = initial_masks(net, 0.8)
     assert "conv1.weight" not in masks  # the first layer stays dense, as in the official configs
     config = RigL(frequency=4, end_step=14, noise_std=1e-5, seed=3)
     model = copy.deepcopy(net)
-    result = gx.train(model, _loader(data), _loader(data), masks=masks, dst=config, epochs=3, progress=False,
+    result = gx.train(model, ordered_loader(data), ordered_loader(data), masks=masks, dst=config, epochs=3, progress=False,
                       kernels=kernels, weight_decay=5e-4, lr=0.05)
-    batches = [list(_loader(data))] * 3
+    batches = [list(ordered_loader(data))] * 3
     lrs = [r["lr"] for r in result.history]
 
     def noise(name, step, mask):
@@ -100,10 +72,10 @@ class _Probe(Callback):
 
 
 def test_grown_weights_and_momentum_start_at_zero_survivors_keep_theirs():
-    data, net = _data(torch.float32), _net(torch.float32)
+    data, net = tiny_data(torch.float32), tiny_net(torch.float32)
     masks = initial_masks(net, 0.7)
     probe = _Probe()
-    gx.train(net, _loader(data), _loader(data), masks=masks, dst=RigL(frequency=3, end_step=15),
+    gx.train(net, ordered_loader(data), ordered_loader(data), masks=masks, dst=RigL(frequency=3, end_step=15),
              callbacks=[probe], epochs=3, progress=False, kernels="sparse")
     checked_regrown = False
     for step, before, after in probe.events:
@@ -139,9 +111,9 @@ def test_a_weight_dropped_and_regrown_in_one_update_keeps_its_value_unless_reini
 
 
 def test_set_grows_after_the_optimizer_step():
-    data, net = _data(torch.float32), _net(torch.float32)
+    data, net = tiny_data(torch.float32), tiny_net(torch.float32)
     masks = initial_masks(net, 0.7)
-    result = gx.train(net, _loader(data), _loader(data), masks=masks, dst=SET(frequency=2, end_step=10), epochs=2,
+    result = gx.train(net, ordered_loader(data), ordered_loader(data), masks=masks, dst=SET(frequency=2, end_step=10), epochs=2,
                       progress=False)
     for name in masks:
         assert int(result.masks[name].sum()) == int(masks[name].sum())
@@ -168,23 +140,23 @@ class _KilledLoader:
 
 @pytest.mark.parametrize("kernels,method", [("sparse", RigL), ("dense", RigL), ("sparse", SET)])
 def test_resume_after_kill_reproduces_the_run_bit_for_bit(tmp_path, kernels, method):
-    data = _data(torch.float32, n=40)
+    data = tiny_data(torch.float32, n=40)
     options = {"epochs": 3, "progress": False, "kernels": kernels, "lr": 0.05}
     config = method(frequency=3, end_step=12)
-    masks = initial_masks(_net(torch.float32), 0.8)
+    masks = initial_masks(tiny_net(torch.float32), 0.8)
 
     def loader(seed):
         return DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
-    whole_model = _net(torch.float32)
+    whole_model = tiny_net(torch.float32)
     whole = gx.train(whole_model, loader(0), loader(1), masks=masks, dst=config, out_dir=str(tmp_path / "a"),
                      **options)
 
-    killed_model = _net(torch.float32)
+    killed_model = tiny_net(torch.float32)
     with pytest.raises(KeyboardInterrupt):
         gx.train(killed_model, _KilledLoader(loader(0), (1, 2)), loader(1), masks=masks, dst=config,
                  out_dir=str(tmp_path / "b"), **options)
-    resumed_model = _net(torch.float32)
+    resumed_model = tiny_net(torch.float32)
     resumed = gx.train(resumed_model, loader(0), loader(1), masks=masks, dst=config, out_dir=str(tmp_path / "b"),
                        **options)
     def timeless(history):
@@ -202,22 +174,22 @@ def test_resume_after_kill_reproduces_the_run_bit_for_bit(tmp_path, kernels, met
     assert all(torch.equal(final[n], whole.masks[n]) for n in masks)
 
     with pytest.raises(ValueError, match="frequency=3.*frequency=4"):
-        gx.train(_net(torch.float32), loader(0), loader(1), masks=masks, dst=method(frequency=4, end_step=12),
+        gx.train(tiny_net(torch.float32), loader(0), loader(1), masks=masks, dst=method(frequency=4, end_step=12),
                  out_dir=str(tmp_path / "b"), **options)
 
 
 def test_bad_dst_input_is_refused_clearly():
-    data, net = _data(torch.float32), _net(torch.float32)
+    data, net = tiny_data(torch.float32), tiny_net(torch.float32)
     masks = initial_masks(net, 0.8)
     with pytest.raises(ValueError, match="dst needs masks"):
-        gx.train(net, _loader(data), _loader(data), dst=RigL(), epochs=1, progress=False)
+        gx.train(net, ordered_loader(data), ordered_loader(data), dst=RigL(), epochs=1, progress=False)
     with pytest.raises(TypeError, match="dst must be graspext.dst.RigL"):
-        gx.train(net, _loader(data), _loader(data), masks=masks, dst="rigl", epochs=1, progress=False)
+        gx.train(net, ordered_loader(data), ordered_loader(data), masks=masks, dst="rigl", epochs=1, progress=False)
     with pytest.raises(ValueError, match="end_step 100 lies beyond the training, whose steps are 0..5"):
-        gx.train(net, _loader(data), _loader(data), masks=masks, dst=RigL(end_step=100), epochs=1, progress=False)
+        gx.train(net, ordered_loader(data), ordered_loader(data), masks=masks, dst=RigL(end_step=100), epochs=1, progress=False)
     other = Masks({"fc.weight": torch.ones(3, 7, dtype=torch.bool)})
     with pytest.raises(ValueError, match="'fc.weight' has shape"):
-        gx.train(net, _loader(data), _loader(data), masks=other, dst=RigL(), epochs=1, progress=False)
+        gx.train(net, ordered_loader(data), ordered_loader(data), masks=other, dst=RigL(), epochs=1, progress=False)
     with pytest.raises(ValueError, match="'head.weight' is not a parameter"):
-        gx.train(net, _loader(data), _loader(data), masks=Masks({"head.weight": torch.ones(2, 2, dtype=torch.bool)}),
+        gx.train(net, ordered_loader(data), ordered_loader(data), masks=Masks({"head.weight": torch.ones(2, 2, dtype=torch.bool)}),
                  dst=RigL(), epochs=1, progress=False)
