@@ -39,8 +39,8 @@ class Callback:
         """Called with the gradients in place; return True to skip this step's optimizer step."""
         return None
 
-    def on_train_batch_end(self, trainer, loss: float) -> None:
-        pass
+    def on_train_batch_end(self, trainer, loss) -> None:
+        """After the optimizer step (or its skip); ``loss`` is the batch's loss, a detached tensor."""
 
     def on_epoch_end(self, trainer, epoch: int, record: dict[str, Any]) -> None:
         pass

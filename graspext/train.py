@@ -265,8 +265,8 @@ class Trainer:
                              f"{'sparse' if state.get('sparse_kernels') else 'dense'}; resume it the same way")
         saved_callbacks = state.get("callbacks", [])
         if len(saved_callbacks) != len(self.callbacks):
-            raise ValueError(f"checkpoint {path!r} was trained with {len(saved_callbacks)} stateful callbacks (dst "
-                             f"included), this run has {len(self.callbacks)}; resume it with the same ones")
+            raise ValueError(f"checkpoint {path!r} was trained with {len(saved_callbacks)} callbacks (dst included), "
+                             f"this run has {len(self.callbacks)}; resume it with the same ones")
         self.model.load_state_dict(state["model"])  # sparse layers take their saved patterns from it
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -7,7 +7,7 @@ import torch
 
 import graspext as gx
 from graspext.dst import RigL, initial_masks
-from tests.dst.helpers import ordered_loader, tiny_data, tiny_net
+from tests.helpers import ordered_loader, tiny_data, tiny_net
 
 
 def _official_erk(shapes, density):

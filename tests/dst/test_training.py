@@ -15,7 +15,7 @@ from graspext.dst import SET, RigL, initial_masks
 from graspext.dst.rule import stateless_generator
 from graspext.masks import Masks
 from graspext.testing.official_rigl import masked_dense_rigl
-from tests.dst.helpers import ordered_loader, tiny_data, tiny_net
+from tests.helpers import ordered_loader, tiny_data, tiny_net
 
 
 @pytest.mark.parametrize("kernels", ["sparse", "dense"])

@@ -1,4 +1,4 @@
-"""Shared by the dynamic-sparse-training tests: a small CNN and its data."""
+"""Shared by the training tests (dynamic sparse training, lottery tickets): a small CNN and its data."""
 
 import torch
 from torch import nn
