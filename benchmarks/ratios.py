@@ -11,6 +11,7 @@ bfloat16 (--bf16): the train step against dense float32, dense bfloat16 autocast
 in float32 and bfloat16, and SparseProp.
 Dynamic sparse training (--dst; see dst_workloads.py): the mean train step of a RigL run (updates every 100
 steps included) against the static sparse step, dense float32, dense bfloat16 channels_last and rigl-torch.
+Lottery tickets (--imp; see lottery_workloads.py): the train step at each IMP round's density against round 0.
 """
 
 from __future__ import annotations
@@ -227,6 +228,22 @@ def dst_step_table(repeats: int, quick: bool) -> None:
         del dense, dense_bf16, ours, ours_bf16, peers, steps
 
 
+def imp_round_table(repeats: int, quick: bool) -> None:
+    """The train step at the density of each IMP round (20 % pruned per round), as graspext's trainer runs it,
+    against round 0 (the dense model), for the shipped lottery configs' models at batch 64."""
+    from lottery_workloads import IMPRoundCase
+
+    rounds = (0, 4, 8, 14) if quick else tuple(range(15))
+    for model_name in ("resnet20", "vgg16_bn"):
+        cases = {r: IMPRoundCase(model_name, r) for r in rounds}
+        t = interleaved_medians({r: c.step for r, c in cases.items()}, repeats, warmup=2)
+        print(f"\n| {model_name}, batch 64: IMP round | density | train step ms | vs round 0 |")
+        print("| ---: | ---: | ---: | ---: |")
+        for r, case in cases.items():
+            print(f"| {r} | {case.density:.3f} | {t[r]:.1f} | {t[0] / t[r]:.2f}x |", flush=True)
+        del cases
+
+
 def interleaved_medians(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median milliseconds of each step, timed in turn (one call of each per round), so that a slow phase of a
     noisy machine hits every configuration alike; each is warmed up first (allocator pools, oneDNN primitives)."""
@@ -250,12 +267,17 @@ def main() -> None:
     parser.add_argument("--sparse", action="store_true", help="only the sparse-training tables")
     parser.add_argument("--bf16", action="store_true",
                         help="only the train-step table against dense bfloat16 (AMX) and SparseProp")
+    parser.add_argument("--imp", action="store_true",
+                        help="only the train step per IMP round (lottery tickets) against the dense round")
     parser.add_argument("--dst", action="store_true",
                         help="only the RigL train-step table (update overhead, dense, rigl-torch)")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
     if args.dst:
         dst_step_table(args.repeats, args.quick)
+        return
+    if args.imp:
+        imp_round_table(args.repeats, args.quick)
         return
     if args.bf16:
         bf16_step_table(args.repeats, args.quick)

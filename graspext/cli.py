@@ -177,6 +177,28 @@ def _report(args) -> int:
     return 0
 
 
+def _lottery_run(args) -> int:
+    from graspext.lottery.compare import run_lottery_config
+    from graspext.lottery.config import load_lottery_config
+
+    cfg = load_lottery_config(args.config)
+    out = args.out or f"runs/{cfg.name}"
+    _check_out(out, "folder")
+    run_lottery_config(cfg, out, data_root=args.data_root, download=args.download, progress=not args.no_progress)
+    print(f"{cfg.name}: finished; `graspext lottery report {out}` writes the comparison")
+    return 0
+
+
+def _lottery_report(args) -> int:
+    from graspext.lottery.compare import comparison_table, format_comparison
+    from graspext.lottery.report import lottery_report
+
+    print(format_comparison(comparison_table(args.folder)))
+    for path in lottery_report(args.folder, args.out):
+        print(path)
+    return 0
+
+
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     from graspext.data import NUM_CLASSES
 
@@ -256,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("folder", help="a folder written by `graspext sweep` or `graspext run`")
     o.add_argument("--out", help="where the plots go (default FOLDER/report)")
     o.set_defaults(run=_report)
+
+    lot = sub.add_parser("lottery", help="lottery tickets: IMP with rewinding against its sanity-check baselines")
+    lsub = lot.add_subparsers(dest="lottery_command", required=True)
+    lr = lsub.add_parser("run", help="run (or resume) a lottery comparison from a config")
+    lr.add_argument("--config", required=True, help="a shipped lottery config (digits-vgg11-imp, ...) or a .toml")
+    lr.add_argument("--out", help="the comparison folder (default runs/<name>); rerunning resumes it")
+    lr.add_argument("--data-root", default=None)
+    lr.add_argument("--download", action="store_true")
+    lr.add_argument("--no-progress", action="store_true")
+    lr.set_defaults(run=_lottery_run)
+    lp = lsub.add_parser("report", help="the comparison table, verdict and plots of a lottery folder")
+    lp.add_argument("folder")
+    lp.add_argument("--out", help="where the report goes (default FOLDER/report)")
+    lp.set_defaults(run=_lottery_report)
 
     d = sub.add_parser("demo", help="the main job on the embedded data: GraSP, SNIP, SynFlow and random compared")
     d.add_argument("--model", default="vgg11_bn")

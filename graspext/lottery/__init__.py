@@ -9,11 +9,12 @@ from graspext.lottery.tickets import (
     RewindCapture,
     dense_masks,
     prune_remaining,
+    prune_to,
     random_masks_like,
     reinitialized,
     rewind_,
     state_copy,
 )
 
-__all__ = ["REWINDS", "BestState", "IMPConfig", "RewindCapture", "dense_masks", "prune_remaining",
+__all__ = ["REWINDS", "BestState", "IMPConfig", "RewindCapture", "dense_masks", "prune_remaining", "prune_to",
            "random_masks_like", "reinitialized", "rewind_", "run_imp", "state_copy"]

@@ -3,7 +3,8 @@
 - :func:`dense_masks`: the all-kept masks IMP starts from, over the prunable layers (Ma et al. leave ResNet's
   first convolution and the classifier dense: ``keep_first_dense`` / ``keep_last_dense``).
 - :func:`prune_remaining`: one IMP round's pruning, exactly ``floor(rate * kept)`` of the kept weights by
-  ``|w|``, over all layers together (global, Frankle & Carbin) or per layer.
+  ``|w|``, over all layers together (global, Frankle & Carbin) or per layer; :func:`prune_to` prunes to a
+  given count at once (one-shot magnitude pruning, OMP).
 - :class:`RewindCapture`: a trainer callback that keeps the model's state after ``step`` training steps (late
   rewinding; step 0 is the initialisation, the lottery ticket's reset).
 - :func:`rewind_`: resets a model to a captured state; the masks then zero the pruned positions, so the kept
@@ -45,7 +46,6 @@ def dense_masks(model: nn.Module, *, keep_first_dense: bool = False, keep_last_d
                  {"method": "dense", "sparsity": 0.0})
 
 
-@torch.no_grad()
 def prune_remaining(model: nn.Module, masks: Masks, rate: float, scope: str = "global",
                     on_collapse: str = "raise") -> Masks:
     """``masks`` less ``floor(rate * kept)`` of their kept weights, those of smallest ``|w|`` in ``model``.
@@ -57,6 +57,24 @@ def prune_remaining(model: nn.Module, masks: Masks, rate: float, scope: str = "g
     rate = check_rate(rate)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    kept = [int(m.sum()) for m in masks.values()]
+    if scope == "global":
+        return _magnitude_masks(model, masks, [sum(kept) - int(rate * sum(kept))], on_collapse, rate=rate)
+    return _magnitude_masks(model, masks, [k - int(rate * k) for k in kept], on_collapse, rate=rate)
+
+
+def prune_to(model: nn.Module, masks: Masks, num_kept: int, on_collapse: str = "raise") -> Masks:
+    """``masks`` pruned by global ``|w|`` in ``model`` down to ``num_kept`` weights in all (one-shot magnitude
+    pruning to a given count: OMP at the sparsity of an IMP round)."""
+    if isinstance(num_kept, bool) or not isinstance(num_kept, numbers.Integral) or not 0 < num_kept <= masks.num_kept():
+        raise ValueError(f"num_kept must be an int in (0, {masks.num_kept()}] (the kept weights), got {num_kept!r}")
+    return _magnitude_masks(model, masks, [int(num_kept)], on_collapse)
+
+
+@torch.no_grad()
+def _magnitude_masks(model: nn.Module, masks: Masks, keep: list[int], on_collapse: str, rate: float | None = None
+                     ) -> Masks:
+    """Keeps the ``keep`` largest ``|w|`` among the kept weights: one count over all layers, or one per layer."""
     if on_collapse not in ON_COLLAPSE:
         raise ValueError(f"on_collapse must be one of {ON_COLLAPSE}, got {on_collapse!r}")
     masks.check_fits(model)
@@ -64,21 +82,18 @@ def prune_remaining(model: nn.Module, masks: Masks, rate: float, scope: str = "g
     names = list(masks)
     # |w| >= 0 on kept weights; -1 on pruned ones, which therefore go first and never come back.
     scores = [params[n].detach().abs().float().masked_fill(~masks[n].to(params[n].device), -1.0) for n in names]
-    kept = [int(masks[n].sum()) for n in names]
     sizes = [masks[n].numel() for n in names]
-    if scope == "global":
-        remove = sum(s - k for s, k in zip(sizes, kept)) + int(rate * sum(kept))
-        new, new_kept = select_masks(scores, remove, remove_largest=False)
+    if len(keep) == 1:
+        new, new_kept = select_masks(scores, sum(sizes) - keep[0], remove_largest=False)
     else:
         new, new_kept = [], []
-        for score, size, k in zip(scores, sizes, kept):
-            mask, count = select_masks([score], size - k + int(rate * k), remove_largest=False)
+        for score, size, k in zip(scores, sizes, keep):
+            mask, count = select_masks([score], size - k, remove_largest=False)
             new += mask
             new_kept += count
-    collapsed = report_collapse(names, new_kept, "raise" if on_collapse == "raise" else on_collapse)
-    total = sum(sizes)
-    meta = {**masks.meta, "method": "imp", "sparsity": 1 - sum(new_kept) / total, "scope": scope,
-            "rate": rate, "collapsed_layers": collapsed}
+    collapsed = report_collapse(names, new_kept, on_collapse)
+    meta = {**masks.meta, "method": "magnitude", "sparsity": 1 - sum(new_kept) / sum(sizes),
+            "scope": "global" if len(keep) == 1 else "layerwise", "rate": rate, "collapsed_layers": collapsed}
     return Masks({n: m.to(masks[n].device) for n, m in zip(names, new)}, meta)
 
 

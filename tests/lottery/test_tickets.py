@@ -7,6 +7,7 @@ from graspext.lottery import (
     RewindCapture,
     dense_masks,
     prune_remaining,
+    prune_to,
     random_masks_like,
     reinitialized,
     rewind_,
@@ -60,6 +61,19 @@ def test_layerwise_round_removes_rate_of_each_layer():
             w = dict(model.named_parameters())[n].detach().abs()
             assert w[masks[n] & ~new[n]].max() <= w[new[n]].min()
         masks = new
+
+
+def test_one_shot_pruning_to_a_count_keeps_the_largest_magnitudes():
+    model = _random_weights(tiny_net(torch.float32), seed=2)
+    masks = dense_masks(model)
+    params = dict(model.named_parameters())
+    out = prune_to(model, masks, 1000)
+    assert out.num_kept() == 1000
+    kept = torch.cat([params[n].detach().abs()[out[n]] for n in out])
+    dropped = torch.cat([params[n].detach().abs()[~out[n]] for n in out])
+    assert kept.min() >= dropped.max()
+    with pytest.raises(ValueError, match="num_kept must be an int in"):
+        prune_to(model, masks, masks.num_kept() + 1)
 
 
 def test_collapse_is_refused_unless_allowed():
