@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from graspext._io import write_text
-from graspext.lottery.imp import BestState, IMPConfig, run_imp
+from graspext.lottery.imp import BestState, IMPConfig, result_settings, run_imp
 from graspext.lottery.tickets import dense_masks, prune_to, random_masks_like, reinitialized, rewind_
 from graspext.masks import Masks
 
@@ -141,7 +141,7 @@ def run_comparison(make_model: Callable[[], nn.Module], train_loader, val_loader
         return reinitialized(make_model, seed)
 
     settings = json.loads(json.dumps({"imp": asdict(imp), "comparison": asdict(comparison),
-                                      "train": {k: repr(v) for k, v in sorted(train_options.items())}}))
+                                      "train": result_settings(train_options)}))
     path = os.path.join(out_dir, "comparison.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -248,6 +248,9 @@ def comparison_table(out_dir: str) -> dict[str, Any]:
         row["winning_ticket"] = (None if not complete or dense_ok is None
                                  else bool(dense_ok and row["lt_minus_rr"][1] > 0))
         rows.append(row)
+    if missing:  # a verdict only on the whole comparison
+        for row in rows:
+            row["winning_ticket"] = None
     return {"rows": rows, "dense": _mean_std(dense) if dense else None, "dense_reached_reference": dense_ok,
             "reference_accuracy": comparison.reference_accuracy, "complete": not missing, "missing": missing,
             "round_seconds": {r: [imp_rounds[s, r].get("train_seconds") for s in comparison.seeds

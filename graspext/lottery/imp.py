@@ -102,6 +102,11 @@ class BestState(Callback):
         self.best, self.epoch, self.state = state["best"], state["epoch"], state["state"]
 
 
+def result_settings(train_options: dict[str, Any]) -> dict[str, str]:
+    """The training options that change results (progress bars and TensorBoard logs do not), as stored text."""
+    return {k: repr(v) for k, v in sorted(train_options.items()) if k not in ("progress", "tensorboard")}
+
+
 def _round_dir(out_dir: str, r: int) -> str:
     return os.path.join(out_dir, f"round-{r:02d}")
 
@@ -148,7 +153,7 @@ def run_imp(make_model: Callable[[], nn.Module], train_loader, eval_loader, conf
     for key in ("masks", "out_dir", "resume", "callbacks", "dst"):
         if key in train_options:
             raise ValueError(f"{key} is set by run_imp per round; leave it out of the training options")
-    settings = {"imp": asdict(config), "seed": seed, "train": {k: repr(v) for k, v in sorted(train_options.items())}}
+    settings = {"imp": asdict(config), "seed": seed, "train": result_settings(train_options)}
     _check_run_folder(out_dir, settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
