@@ -38,6 +38,9 @@ BASELINES = ("rr", "random", "omp")
 PAI_METHODS = ("grasp", "snip", "synflow")
 SANITY_CHECKS = ("shuffle", "reinit", "invert")
 RUN_DONE = "run.json"
+# Fewer seeds give no verdict: with two, identical paired gaps (a small test set's accuracies are discrete) make a
+# zero-width interval.
+MIN_SEEDS_FOR_VERDICT = 3
 # Two-sided 95 % Student t quantiles by degrees of freedom (a normal 1.96 beyond 30).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         15: 2.131, 20: 2.086, 30: 2.042}
@@ -239,7 +242,7 @@ def comparison_table(out_dir: str) -> dict[str, Any]:
             if accs:
                 row["methods"][name] = _mean_std(accs)
         gaps = [lt[s] - runs["rr", s, r]["test_acc"] for s in comparison.seeds if s in lt and ("rr", s, r) in runs]
-        complete = len(gaps) == len(comparison.seeds) and "rr" in comparison.methods
+        complete = (len(gaps) == len(comparison.seeds) >= MIN_SEEDS_FOR_VERDICT and "rr" in comparison.methods)
         if gaps:
             mean_gap, sd = _mean_std(gaps)
             half = _t95(len(gaps) - 1) * sd / math.sqrt(len(gaps)) if len(gaps) > 1 else math.inf
@@ -251,7 +254,8 @@ def comparison_table(out_dir: str) -> dict[str, Any]:
     if missing:  # a verdict only on the whole comparison
         for row in rows:
             row["winning_ticket"] = None
-    return {"rows": rows, "dense": _mean_std(dense) if dense else None, "dense_reached_reference": dense_ok,
+    return {"rows": rows, "seeds": len(comparison.seeds), "dense": _mean_std(dense) if dense else None,
+            "dense_reached_reference": dense_ok,
             "reference_accuracy": comparison.reference_accuracy, "complete": not missing, "missing": missing,
             "round_seconds": {r: [imp_rounds[s, r].get("train_seconds") for s in comparison.seeds
                                   if (s, r) in imp_rounds] for r in range(imp.rounds + 1)},
@@ -283,6 +287,8 @@ def format_comparison(table: dict[str, Any]) -> str:
         gap = row.get("lt_minus_rr")
         gap_text = "—" if gap is None else f"{100 * gap[0]:+.2f} ({100 * gap[1]:+.2f}, {100 * gap[2]:+.2f})"
         verdict = {None: "undecided", True: "yes", False: "no"}[row["winning_ticket"]]
+        if row["winning_ticket"] is None and table["seeds"] < MIN_SEEDS_FOR_VERDICT:
+            verdict = f"undecided (needs {MIN_SEEDS_FOR_VERDICT} seeds)"
         sparsity = "—" if row["sparsity"] is None else f"{100 * row['sparsity']:.1f} %"
         lines.append(f"| {sparsity} | " + " | ".join(cells) + f" | {gap_text} | {verdict} |")
     return "\n".join(lines) + "\n"
