@@ -273,18 +273,11 @@ def main() -> None:
                         help="only the RigL train-step table (update overhead, dense, rigl-torch)")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
-    if args.dst:
-        dst_step_table(args.repeats, args.quick)
-        return
-    if args.imp:
-        imp_round_table(args.repeats, args.quick)
-        return
-    if args.bf16:
-        bf16_step_table(args.repeats, args.quick)
-        return
-    if args.sparse:
-        sparse_tables(args.repeats, args.quick)
-        return
+    for flag, table in (("dst", dst_step_table), ("imp", imp_round_table), ("bf16", bf16_step_table),
+                        ("sparse", sparse_tables)):
+        if getattr(args, flag):  # one table only
+            table(args.repeats, args.quick)
+            return
     sizes = [2_000_000] if args.quick else [20_035_200, 138_357_544]
     print("| global k-th value (k = 98 %) | torch.kthvalue(cat) s | graspext s | speedup |")
     print("| --- | ---: | ---: | ---: |")

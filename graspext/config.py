@@ -63,6 +63,18 @@ def config_path(name_or_path: str) -> Path:
     return shipped
 
 
+def read_config_file(path: Path, allowed: set[str]) -> dict[str, Any]:
+    """The TOML of a config file; invalid TOML or a top-level key outside ``allowed`` is an error naming it."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config {path}: not valid TOML ({exc})") from exc
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ValueError(f"config {path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return raw
+
+
 def load_config(name_or_path: str) -> ExperimentConfig:
     """Reads and validates a config; every unknown key or bad value is an error naming it."""
     from graspext.data import NUM_CLASSES
@@ -70,13 +82,7 @@ def load_config(name_or_path: str) -> ExperimentConfig:
     from graspext.train import TrainConfig
 
     path = config_path(name_or_path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config {path}: not valid TOML ({exc})") from exc
-    unknown = set(raw) - TOP_LEVEL
-    if unknown:
-        raise ValueError(f"config {path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_LEVEL)}")
+    raw = read_config_file(path, TOP_LEVEL)
     for key in ("model", "dataset", "prune"):
         if key not in raw:
             raise ValueError(f"config {path}: missing {key!r}")

@@ -21,12 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
-from graspext.config import CONFIG_DIR
+from graspext.config import CONFIG_DIR, read_config_file
 
 LOTTERY_CONFIG_DIR = CONFIG_DIR / "lottery"
 TOP_LEVEL = {"name", "model", "dataset", "batch_size", "val_fraction", "select_on", "imp", "train", "compare"}
@@ -65,13 +60,7 @@ def load_lottery_config(name_or_path: str) -> LotteryConfig:
                              f"({', '.join(list_lottery_configs())})")
     elif not path.is_file():
         raise FileNotFoundError(f"config: no file {name_or_path!r}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config {path}: not valid TOML ({exc})") from exc
-    unknown = set(raw) - TOP_LEVEL
-    if unknown:
-        raise ValueError(f"config {path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_LEVEL)}")
+    raw = read_config_file(path, TOP_LEVEL)
     for key in ("model", "dataset"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ValueError(f"config {path}: {key} must be a non-empty string, got {raw.get(key)!r}")

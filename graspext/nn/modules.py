@@ -120,7 +120,7 @@ class _SparseLayer(nn.Module):
         # How sparsify chose the mode, so that set_mask_ can choose again: (policy, kind, dtype) or None.
         self.mode_rule: tuple | None = None
         self._dense_grad_request = False
-        self._dense_grad_parts: list = []  # what the last requested backward captured
+        self._dense_grad_box: list | None = None  # [dL/dW], filled by the backward after a request
         self.mode = mode
         self.decision = f"{mode} (chosen by the caller)"
         self.computed_dtype: torch.dtype | None = None  # set by each forward pass
@@ -215,25 +215,26 @@ class _SparseLayer(nn.Module):
             raise RuntimeError(f"{type(self).__name__}: its values do not require grad, so there is no gradient to "
                                "yield; request a dense gradient only from layers that train")
         self._dense_grad_request = True
-        self._dense_grad_parts = []
+        self._dense_grad_box = None
 
     def dense_grad(self) -> Tensor:
         """dL/dW (dense weight shape, float32 or the weights' wider dtype) from the backward after the request."""
-        if self._dense_grad_request and not self._dense_grad_parts:
+        box = self._dense_grad_box
+        if self._dense_grad_request and box is None:
             raise RuntimeError(f"{type(self).__name__}: no dense gradient was captured since request_dense_grad(); "
                                "run a forward and backward through this layer (with grad enabled) first")
-        if not self._dense_grad_parts:
+        if box is None:
             raise RuntimeError(f"{type(self).__name__}: no dense gradient was requested; call request_dense_grad() "
                                "before the forward pass")
-        grads = [part() if callable(part) else part for part in self._dense_grad_parts]
-        if any(g is None for g in grads):
+        if box[0] is None:
             raise RuntimeError(f"{type(self).__name__}: the forward after request_dense_grad() ran, but no backward "
                                "reached this layer")
-        self._dense_grad_parts = []
-        return torch.stack(grads).sum(0) if len(grads) > 1 else grads[0]
+        self._dense_grad_box = None
+        return box[0]
 
     def _capture_dense_grad(self, x: Tensor | None, y: Tensor | None, weight: Tensor | None, weight_grad) -> None:
-        """Arms the capture for this forward: from the dense weight's gradient, or from ``weight_grad(x, dy)``."""
+        """Arms the capture for this forward (the first after a request): from the dense weight's gradient, or
+        from ``weight_grad(x, dy)``."""
         if not (self._dense_grad_request and torch.is_grad_enabled()):
             return
         self._dense_grad_request = False
@@ -251,7 +252,7 @@ class _SparseLayer(nn.Module):
             y.register_hook(keep)
         else:
             return
-        self._dense_grad_parts.append(lambda: box[0])
+        self._dense_grad_box = box
 
     @property
     def mode(self) -> str:
