@@ -41,6 +41,7 @@ RUN_DONE = "run.json"
 # Fewer seeds give no verdict: with two, identical paired gaps (a small test set's accuracies are discrete) make a
 # zero-width interval.
 MIN_SEEDS_FOR_VERDICT = 3
+_REINIT_SEED_OFFSET = 10_000  # the seed of a fresh initialisation draw (RR and the re-init checks)
 # Two-sided 95 % Student t quantiles by degrees of freedom (a normal 1.96 beyond 30).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         15: 2.131, 20: 2.086, 30: 2.042}
@@ -103,16 +104,30 @@ def _inverted_masks(model, method, sparsity, data, options, keep_first_dense, ke
     return Masks(dict(zip(found, masks)), {"method": f"{method}-invert", "sparsity": sparsity})
 
 
+def _scoring_data(train_loader, seed: int):
+    """The data the pruning-at-init methods score on: the training set in an order fixed by the seed, so that a
+    resumed comparison scores the same batches (the training loader's own generator is wherever training left
+    it)."""
+    dataset = getattr(train_loader, "dataset", None)
+    if dataset is None:
+        return train_loader
+    return torch.utils.data.DataLoader(dataset, batch_size=train_loader.batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
 def _run_masks_and_model(name: str, lt_masks: Masks, make_init: Callable[[int], nn.Module], seed: int,
-                         dense_trained: dict, prune_data, imp: IMPConfig, pai_options) -> tuple[Masks, nn.Module]:
-    """The masks a comparison run trains, and the model it starts from."""
+                         dense_trained: dict, train_loader, imp: IMPConfig, pai_options,
+                         pai_masks: dict[str, Masks]) -> tuple[Masks, nn.Module]:
+    """The masks a comparison run trains, and the model it starts from.
+
+    ``pai_masks`` caches each pruning-at-init method's masks of this seed and round: the method, its shuffle and
+    its re-init check share them, so they are scored once.
+    """
     import graspext as gx
 
-    init = make_init(seed)
-    sparsity = lt_masks.sparsity()
-    method, _, check = name.partition("-")
     if name == "rr":
-        return lt_masks, make_init(seed + 10_000)
+        return lt_masks, make_init(seed + _REINIT_SEED_OFFSET)
+    init = make_init(seed)
     if name == "random":
         return random_masks_like(lt_masks, seed), init
     if name == "omp":
@@ -120,17 +135,23 @@ def _run_masks_and_model(name: str, lt_masks: Masks, make_init: Callable[[int], 
         omp = prune_to(trained, dense_masks(trained, keep_first_dense=imp.keep_first_dense,
                                             keep_last_dense=imp.keep_last_dense), lt_masks.num_kept())
         return omp, init
+    method, _, check = name.partition("-")
     options = dict(pai_options.get(method, {}))
     if method in ("grasp", "snip"):
         options.setdefault("seed", seed)
     layer_choice = {"keep_first_dense": imp.keep_first_dense, "keep_last_dense": imp.keep_last_dense}
+    sparsity = lt_masks.sparsity()
     if check == "invert":
-        return _inverted_masks(init, method, sparsity, prune_data, options, **layer_choice), init
-    masks = gx.prune(init, method, sparsity, prune_data, on_collapse="ignore", **layer_choice, **options)
+        return _inverted_masks(init, method, sparsity, _scoring_data(train_loader, seed), options,
+                               **layer_choice), init
+    if method not in pai_masks:
+        pai_masks[method] = gx.prune(init, method, sparsity, _scoring_data(train_loader, seed), on_collapse="ignore",
+                                     **layer_choice, **options)
+    masks = pai_masks[method]
     if check == "shuffle":
         return random_masks_like(masks, seed), init
     if check == "reinit":
-        return masks, make_init(seed + 10_000)
+        return masks, make_init(seed + _REINIT_SEED_OFFSET)
     return masks, init
 
 
@@ -168,12 +189,13 @@ def run_comparison(make_model: Callable[[], nn.Module], train_loader, val_loader
             if not 1 <= r <= imp.rounds:
                 raise ValueError(f"rounds: {r} is not an IMP round of this run (1..{imp.rounds})")
             lt_masks = Masks.load(os.path.join(imp_dir, f"round-{r:02d}", "masks.pt"))
+            pai_masks: dict[str, Masks] = {}
             for name in comparison.run_names():
                 run_dir = os.path.join(seed_dir, f"round-{r:02d}", name)
                 if os.path.exists(os.path.join(run_dir, RUN_DONE)):
                     continue
                 masks, model = _run_masks_and_model(name, lt_masks, make_init, seed, dense_trained, train_loader,
-                                                    imp, comparison.pai_options)
+                                                    imp, comparison.pai_options, pai_masks)
                 best = BestState()
                 result = gx.train(model, train_loader, val_loader, masks=masks, callbacks=[best], out_dir=run_dir,
                                   **{"seed": seed, **train_options})

@@ -138,6 +138,26 @@ def test_the_verdict_needs_a_positive_interval_and_a_trained_baseline(tmp_path):
     shutil.rmtree(out)
 
 
+def test_pruning_at_init_masks_do_not_depend_on_where_training_left_the_loader(comparison_dir):
+    from graspext.lottery.compare import _run_masks_and_model
+    from graspext.lottery.tickets import reinitialized
+
+    train, _, _ = _loaders()
+    lt = Masks.load(comparison_dir / "seed-0" / "imp" / "round-01" / "masks.pt")
+    dense = torch.load(comparison_dir / "seed-0" / "imp" / "round-00" / "pruned_on.pt", weights_only=True)
+
+    def snip_masks():
+        masks, _ = _run_masks_and_model("snip", lt, lambda s: reinitialized(TinyNet, s), 0, dense, train,
+                                        IMPConfig(rounds=1, rate=0.5), {"snip": {"samples_per_class": 1}}, {})
+        return masks
+
+    first = snip_masks()
+    for _ in train:  # the loader's generator moves on, as a training epoch moves it
+        pass
+    again = snip_masks()
+    assert all(torch.equal(first[n], again[n]) for n in first)
+
+
 def test_a_folder_of_another_comparison_is_refused(comparison_dir):
     other = Comparison(methods=("rr",), seeds=(0, 1), reference_accuracy=0.1)
     with pytest.raises(ValueError, match="holds a lottery comparison with other comparison settings"):
