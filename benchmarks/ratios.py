@@ -237,10 +237,10 @@ def imp_round_table(repeats: int, quick: bool) -> None:
     for model_name in ("resnet20", "vgg16_bn"):
         cases = {r: IMPRoundCase(model_name, r) for r in rounds}
         t = interleaved_medians({r: c.step for r, c in cases.items()}, repeats, warmup=2)
-        print(f"\n| {model_name}, batch 64: IMP round | density | train step ms | vs round 0 |")
-        print("| ---: | ---: | ---: | ---: |")
+        print(f"\n| {model_name}, batch 64: IMP round | density | runs as | train step ms | vs round 0 |")
+        print("| ---: | ---: | --- | ---: | ---: |")
         for r, case in cases.items():
-            print(f"| {r} | {case.density:.3f} | {t[r]:.1f} | {t[0] / t[r]:.2f}x |", flush=True)
+            print(f"| {r} | {case.density:.3f} | {case.runs_as} | {t[r]:.1f} | {t[0] / t[r]:.2f}x |", flush=True)
         del cases
 
 

@@ -32,7 +32,14 @@ from graspext._io import atomic_write, csv_text, write_text
 from graspext.allocator import keep_freed_memory
 from graspext.callbacks import Callback
 from graspext.masks import Masks
-from graspext.nn.convert import densify, format_sparsity_report, sparsify, tied_weights
+from graspext.nn.convert import (
+    AUTO_MIN_SAVING,
+    densify,
+    format_sparsity_report,
+    predicted_saving,
+    sparsify,
+    tied_weights,
+)
 from graspext.nn.modules import SparseConv2d, SparseLinear
 from graspext.pruning.data import check_logits
 
@@ -72,7 +79,9 @@ class TrainConfig:
     tensorboard: bool = False
     # With masks: "sparse" trains through graspext.sparsify (only kept weights are computed; per layer sparse or
     # dense by `sparse_policy`), "dense" trains masked dense weights, "auto" is sparse where graspext has sparse
-    # kernels for the device (CPU) and dense elsewhere.
+    # kernels for the device (CPU) and the cost model predicts them to save AUTO_MIN_SAVING of the masked layers'
+    # time (graspext.nn.predicted_saving), masked dense weights otherwise: sparse layers that run dense add a
+    # scatter and a gather per step, and a network mixed between the two layouts converts between them.
     kernels: str = "auto"
     sparse_policy: str = "auto"
 
@@ -156,6 +165,7 @@ class Trainer:
                              "use amp='bf16' on the CPU")
         # Tied weights stay one tensor on the masked dense path; sparse layers would untie them.
         self._tied = tied_weights(model, masks) if masks is not None else {}
+        self._auto_sparse: bool | None = None  # kernels="auto" on the CPU: whether any layer would run sparse
         if self.config.kernels == "sparse" and self._tied:
             name, others = next(iter(self._tied.items()))
             raise ValueError(f"kernels='sparse' cannot train tied weights ({name} is shared with "
@@ -198,7 +208,15 @@ class Trainer:
         """
         if self.masks is None or self.config.kernels == "dense" or "weight" in self.masks or self._tied:
             return False
-        return self.config.kernels == "sparse" or self.device.type == "cpu"
+        if self.config.kernels == "sparse":
+            return True
+        if self.device.type != "cpu":
+            return False
+        if self._auto_sparse is None:  # decided once: a dynamic-sparse update keeps every layer's density
+            saving = predicted_saving(self.model, self.masks, policy=self.config.sparse_policy,
+                                      dtype=torch.bfloat16 if self.config.amp == "bf16" else None)
+            self._auto_sparse = saving >= AUTO_MIN_SAVING
+        return self._auto_sparse
 
     # ------------------------------------------------------------------ checkpoints
     def _train_batch_size(self) -> int | None:

@@ -246,6 +246,23 @@ def test_sparse_kernels_train_like_masked_dense_weights(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("sparsity, sparse_kernels", [(0.1, False), (0.97, True)])
+def test_auto_kernels_train_masked_dense_weights_where_sparse_layers_would_not_pay(sparsity, sparse_kernels):
+    """On the CPU kernels='auto' sparsifies only when the cost model predicts the sparse layers to save
+    AUTO_MIN_SAVING: sparse layers that run dense add a scatter and a gather to every step and save nothing."""
+    torch.manual_seed(0)
+    model = SmallVGG()
+    masks = gx.prune(model, "random", sparsity, seed=0)
+    saving = gx.nn.predicted_saving(model, masks)
+    assert (saving >= gx.nn.convert.AUTO_MIN_SAVING) == sparse_kernels
+    trainer = gx.Trainer(model, *_loaders(), gx.TrainConfig(**{**CFG, "epochs": 1}), masks)
+    assert trainer.uses_sparse_kernels == sparse_kernels
+    result = trainer.fit()
+    assert result.summary["sparse_kernels"] == sparse_kernels
+    for name, mask in masks.items():
+        assert not model.get_parameter(name)[~mask].any()
+
+
 def test_kernels_option_errors(tmp_path):
     model, masks = _model_and_masks()
     with pytest.raises(ValueError, match="kernels must be one of"):

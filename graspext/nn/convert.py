@@ -10,6 +10,8 @@ Every choice is recorded on the layer (``layer.decision``) and listed by :func:`
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import statistics
 import time
 import warnings
@@ -19,15 +21,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from graspext.nn.layout import Conv2d as LayoutConv2d
 from graspext.nn.layout import from_layout_module, fuse_batch_norm_relu, to_layout_module
 from graspext.nn.modules import SparseConv2d, SparseLinear, _cuda_kernels_enabled
 
 POLICIES = ("auto", "sparse", "dense", "compact", "measure")
 
 # Densities below which the sparse kernels beat dense oneDNN/MKL for a forward+backward pass, measured per
-# layer on VGG19/ResNet32-CIFAR shapes at batch 128 and Linear 4096x4096 at batch 256 on a 2-core AVX-512
-# CPU (benchmarks/RESULTS.md): sparse time grows about linearly with density, dense time is flat.
-BREAK_EVEN_DENSITY = {"conv": 0.25, "linear": 0.08}
+# layer on a 2-core AVX-512 CPU (benchmarks/RESULTS.md): sparse time grows about linearly with density, dense
+# time is flat. Linear: 4096x4096 at batch 256. Convolutions: by the layer's width sqrt(C_in/groups * C_out),
+# 3x3 layers at batch 64 on CIFAR image sizes; narrow layers leave oneDNN's vector lanes idle, so the sparse
+# kernels win there up to high densities (16 channels: still 1.9x faster at density 0.7). Between the points
+# the break-even is interpolated in log(width); outside, the end points hold.
+CONV_BREAK_EVEN_BY_WIDTH = ((16, 0.8), (32, 0.4), (64, 0.35), (128, 0.28), (256, 0.2), (512, 0.16))
+BREAK_EVEN_DENSITY = {"linear": 0.08}
 # The same under CPU bfloat16 autocast, where the kernels read bfloat16 activations and dense oneDNN runs its
 # bfloat16 kernels (channels_last), measured on an AVX512-BF16 CPU without AMX (benchmarks/RESULTS.md). Per
 # layer the break-even falls to 0.18-0.3; for whole networks 0.25 trains faster than 0.2 (ResNet32 at 98 %:
@@ -46,17 +53,39 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def break_even_density(kind: str, dtype: torch.dtype | None) -> tuple[float, str]:
-    """The cost model's break-even density for a layer kind computing in ``dtype``, and what it assumed."""
+def conv_break_even(width: float) -> float:
+    """``CONV_BREAK_EVEN_BY_WIDTH`` at a convolution's width ``sqrt(C_in/groups * C_out)``."""
+    points = CONV_BREAK_EVEN_BY_WIDTH
+    if width <= points[0][0]:
+        return points[0][1]
+    for (w0, d0), (w1, d1) in zip(points, points[1:]):
+        if width <= w1:
+            t = math.log(width / w0) / math.log(w1 / w0)
+            return d0 + t * (d1 - d0)
+    return points[-1][1]
+
+
+def break_even_density(layer: nn.Module, dtype: torch.dtype | None) -> tuple[float, str]:
+    """The cost model's break-even density for a sparse layer computing in ``dtype``, and what it assumed."""
+    kind = "conv" if isinstance(layer, SparseConv2d) else "linear"
     if dtype == torch.bfloat16:
         return BREAK_EVEN_DENSITY_BF16[kind], f"bfloat16{', AMX' if cpu_has_amx() else ''}"
-    return BREAK_EVEN_DENSITY[kind], "float32"
+    if kind == "linear":
+        return BREAK_EVEN_DENSITY["linear"], "float32"
+    out_channels, in_per_group = layer._dense_shape()[:2]
+    width = math.sqrt(out_channels * in_per_group)
+    return conv_break_even(width), f"float32, width {width:.0f}"
 
 
 # The cost model runs a dense layer on its live channels when that removes at least this share of its
 # multiply-adds: below it, copying the live input channels and scattering the output may cost more than it
 # saves (policy="measure" times it instead).
 COMPACT_MIN_SAVING = 0.1
+# The trainer's kernels="auto" trains through sparse layers only where the cost model predicts them to save this
+# much of the masked layers' time (predicted_saving). Below it, a network whose layers are mixed between the two
+# layouts ran slower than masked dense weights: ResNet-20 at batch 64, IMP rounds 2-5 (predicted 0.00-0.16)
+# 0.69-0.86x, from round 6 (0.26) 1.20x and more; VGG-16 from round 10 (0.24) 1.16x (benchmarks/RESULTS.md).
+AUTO_MIN_SAVING = 0.2
 
 
 @dataclass(frozen=True)
@@ -203,13 +232,14 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
     Args:
         model: any model; it is copied first unless ``inplace=True``.
         masks: ``graspext.Masks`` or a mapping ``"<layer>.weight" -> bool tensor`` (True = kept).
-        policy: ``"auto"`` (cost model: on the CPU sparse below ``BREAK_EVEN_DENSITY``, on CUDA dense; a dense
+        policy: ``"auto"`` (cost model: on the CPU sparse below ``break_even_density``, on CUDA dense; a dense
             layer runs on its live channels only when dead channels remove ``COMPACT_MIN_SAVING`` of its work),
             ``"measure"`` (time the modes on each layer's input shape from ``example_input``, on the model's
             device), ``"sparse"``, ``"dense"`` or ``"compact"`` (forced).
         example_input: an input batch for ``policy="measure"``.
-        keep_layout: also swap BatchNorm2d and pooling layers for subclasses that keep the sparse kernels'
-            batch-innermost layout (same computation and state_dict), so layouts are converted once, and
+        keep_layout: also swap BatchNorm2d, pooling and unmasked Conv2d layers for subclasses that keep the
+            sparse kernels' batch-innermost layout (same computation and state_dict), so layouts are converted
+            once, and
             fuse each BatchNorm2d that a Sequential runs into a ReLU (the ReLU becomes ``FusedReLU``).
         filter_fn: ``filter_fn(module, name) -> bool`` to leave some masked layers alone.
         dtype: the dtype the model will train in, for the cost model and ``"measure"``: ``None`` for the
@@ -251,29 +281,101 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
         _refuse_root_in_place(model, "" in targets, "sparsify")
     shapes = _layer_inputs(model, list(targets), example_input) if policy == "measure" else {}
     out = model if inplace else copy.deepcopy(model)
+    converted = []
     for name, (_, mask) in targets.items():
-        module = out.get_submodule(name)
-        mask = mask.to(module.weight.device)
-        if isinstance(module, nn.Conv2d):
-            layer, kind = SparseConv2d.from_dense(module, mask), "conv"
-        else:
-            layer, kind = SparseLinear.from_dense(module, mask), "linear"
-        if layer.mode == "sparse":  # not already dense for lack of kernel support
-            _choose_mode(layer, kind, policy, shapes.get(name), dtype)
-        out = _replace(out, name, layer)
+        converted.append(_sparse_layer(out.get_submodule(name), mask, policy, shapes.get(name), dtype))
+        out = _replace(out, name, converted[-1])
+    if policy == "auto":
+        _join_sparse_neighbours(converted, dtype)
     if keep_layout and targets:
-        layers = [m for m in out.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
-        for layer, following in zip(layers, layers[1:]):
-            layer.emit_batch_innermost = (isinstance(layer, SparseConv2d) and layer.mode != "sparse"
-                                          and following.mode == "sparse")
-            layer.dense_channels_last = (dtype == torch.bfloat16 and isinstance(layer, SparseConv2d)
-                                         and layer.mode != "sparse" and not layer.emit_batch_innermost)
         for name, module in list(out.named_modules()):
             converted = to_layout_module(module)
             if converted is not module:
                 out = _replace(out, name, converted)
+        # A layer computed by dense torch (a sparse layer in dense mode, or an unmasked convolution) hands its
+        # output batch-innermost to a sparse layer after it.
+        layers = [m for m in out.modules() if isinstance(m, (SparseConv2d, SparseLinear, LayoutConv2d))]
+        for layer, following in itertools.pairwise(layers):
+            if isinstance(layer, SparseLinear):
+                continue
+            runs_dense = isinstance(layer, LayoutConv2d) or layer.mode != "sparse"
+            into_sparse = isinstance(following, (SparseConv2d, SparseLinear)) and following.mode == "sparse"
+            layer.emit_batch_innermost = runs_dense and into_sparse
+            if isinstance(layer, SparseConv2d):
+                layer.dense_channels_last = (dtype == torch.bfloat16 and layer.mode != "sparse"
+                                             and not layer.emit_batch_innermost)
         fuse_batch_norm_relu(out)
     return out
+
+
+def _sparse_layer(module: nn.Module, mask: Tensor, policy: str, input_shape: torch.Size | None,
+                  dtype: torch.dtype | None) -> SparseConv2d | SparseLinear:
+    mask = mask.to(module.weight.device)
+    if isinstance(module, nn.Conv2d):
+        layer, kind = SparseConv2d.from_dense(module, mask), "conv"
+    else:
+        layer, kind = SparseLinear.from_dense(module, mask), "linear"
+    if layer.mode == "sparse":  # not already dense for lack of kernel support
+        _choose_mode(layer, kind, policy, input_shape, dtype)
+    return layer
+
+
+def planned_modes(model: nn.Module, masks: Mapping[str, Tensor], *, policy: str = "auto",
+                  dtype: torch.dtype | None = None) -> dict[str, str]:
+    """``"<layer>.weight" -> mode``: what ``sparsify(model, masks, policy=policy, dtype=dtype)`` would run each
+    masked layer in, without converting the model. ``policy="measure"`` is not predicted (it times the layers)."""
+    return {name: layer.mode for name, layer in _planned_layers(model, masks, policy, dtype).items()}
+
+
+def predicted_saving(model: nn.Module, masks: Mapping[str, Tensor], *, policy: str = "auto",
+                     dtype: torch.dtype | None = None) -> float:
+    """The cost model's estimate of the fraction of the masked layers' time that ``sparsify`` would save.
+
+    A sparse layer saves ``1 - density / break-even`` of its dense time (sparse time grows linearly with density
+    and meets dense at the break-even), a compact one its dead channels' share, a dense one nothing. Each layer
+    counts alike: CIFAR-style networks spend about as many multiply-adds in each convolution (channels double
+    where the image halves). The trainer's ``kernels="auto"`` sparsifies only above ``AUTO_MIN_SAVING``.
+    """
+    layers = _planned_layers(model, masks, policy, dtype)
+    saved = 0.0
+    for layer in layers.values():
+        if layer.mode == "sparse":
+            saved += max(0.0, 1 - layer.density / break_even_density(layer, dtype)[0])
+        elif layer.mode == "compact":
+            saved += 1 - layer.compact_mac_fraction
+    return saved / max(1, len(layers))
+
+
+def _planned_layers(model, masks, policy, dtype) -> dict[str, SparseConv2d | SparseLinear]:
+    if policy not in POLICIES or policy == "measure":
+        allowed = tuple(p for p in POLICIES if p != "measure")
+        raise ValueError(f"policy must be one of {allowed} (measure times the layers: sparsify with it), "
+                         f"got {policy!r}")
+    layers = {}
+    with torch.no_grad():
+        for param_name, mask in masks.items():
+            _, module = _named_target(model, param_name)
+            layers[param_name] = _sparse_layer(module, mask, policy, None, dtype)
+    if policy == "auto":
+        _join_sparse_neighbours(list(layers.values()), dtype)
+    return layers
+
+
+def _join_sparse_neighbours(layers: list, dtype: torch.dtype | None) -> None:
+    """The cost model's second pass, over the converted layers in model order: a convolution on the dense side
+    of its break-even, between two sparse layers, runs sparse too while its density is under twice the break-even.
+    Dense there, it would convert its input and its output between layouts (and a residual sum would mix them),
+    which on CIFAR-sized networks costs more than the multiply-adds it saves (benchmarks/RESULTS.md, IMP rounds)."""
+    for before, layer, after in zip(layers, layers[1:], layers[2:]):
+        if not isinstance(layer, SparseConv2d) or layer.mode == "sparse" or layer.values.device.type != "cpu":
+            continue
+        if before.mode != "sparse" or after.mode != "sparse" or not layer.kernel_supported:
+            continue
+        limit, assumed = break_even_density(layer, dtype)
+        if layer.density < 2 * limit:
+            layer.mode = "sparse"
+            layer.decision = (f"sparse (cost model, {assumed}: density {layer.density:.3f} < 2 x {limit:.2f} "
+                              "between sparse layers, where dense would convert layouts)")
 
 
 def _dense_or_compact(layer: nn.Module, why: str) -> tuple[str, str]:
@@ -294,7 +396,7 @@ def choose_mode_again(layer: nn.Module) -> None:
     would cost a benchmark per update): only its dense/compact half follows the cost model.
     """
     policy, kind, dtype = layer.mode_rule
-    if policy == "auto":
+    if policy == "auto" and layer.mode != "sparse":  # a sparse layer stays sparse at the same density
         _choose_mode(layer, kind, policy, None, dtype)
     elif policy == "measure" and layer.mode != "sparse":
         layer.mode, decision = _dense_or_compact(layer, "measured dense; dead channels re-counted after a mask update")
@@ -311,11 +413,11 @@ def _choose_mode(layer: nn.Module, kind: str, policy: str, input_shape: torch.Si
         layer.mode, layer.decision = _dense_or_compact(
             layer, "on CUDA the sparse kernels beat cuDNN only for some shapes; policy='measure' times them")
     elif policy == "auto":
-        limit, assumed = break_even_density(kind, dtype)
+        limit, assumed = break_even_density(layer, dtype)
         if density < limit:
-            layer.mode, layer.decision = "sparse", f"sparse (cost model, {assumed}: density {density:.3f} < {limit})"
+            layer.mode, layer.decision = "sparse", f"sparse (cost model, {assumed}: density {density:.3f} < {limit:.2f})"
         else:
-            layer.mode, layer.decision = _dense_or_compact(layer, f"{assumed}: density {density:.3f} >= {limit}")
+            layer.mode, layer.decision = _dense_or_compact(layer, f"{assumed}: density {density:.3f} >= {limit:.2f}")
     elif input_shape is None:
         layer.mode, layer.decision = "dense", "dense (the example input never reached this layer)"
     else:

@@ -1,4 +1,5 @@
-"""Batch-innermost activations through BatchNorm and pooling, so a sparse network converts layouts once.
+"""Batch-innermost activations through BatchNorm, pooling and dense convolutions, so a sparse network converts
+layouts once.
 
 The sparse kernels return NCHW-shaped tensors with ``[H, W, C, N]`` storage. Elementwise ops keep that layout
 by themselves; these subclasses of the torch modules keep it through normalization and pooling too (the
@@ -233,8 +234,22 @@ class ReLU(nn.ReLU):
         return F.relu(x, inplace=self.inplace and x._base is None)
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (a layer left dense, such as a ResNet's first convolution) that hands its output to the sparse
+    layer after it in batch-innermost storage (``emit_batch_innermost``, set by ``sparsify``), so the block that
+    follows -- the sparse convolution, its BatchNorm and the residual add -- runs in one layout. Otherwise the
+    residual sum mixes layouts, which costs a strided add and a layout copy in each direction."""
+
+    emit_batch_innermost = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return to_batch_innermost(y) if self.emit_batch_innermost and y.dim() == 4 and y.shape[0] > 1 else y
+
+
 # torch module type -> its layout-keeping subclass; conversion copies the instance's attributes over.
 LAYOUT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: Conv2d,
     nn.BatchNorm2d: BatchNorm2d,
     nn.MaxPool2d: MaxPool2d,
     nn.AvgPool2d: AvgPool2d,
@@ -261,6 +276,7 @@ def from_layout_module(module: nn.Module) -> nn.Module:
         if type(module) is cls:
             plain = base.__new__(base)
             plain.__dict__ = module.__dict__.copy()
-            plain.__dict__.pop("fuse_relu", None)
+            for attribute in ("fuse_relu", "emit_batch_innermost"):
+                plain.__dict__.pop(attribute, None)
             return plain
     return module

@@ -111,7 +111,8 @@ def test_policies_and_report():
     rows = sparsity_report(auto)
     assert len(rows) == len(masks)
     assert all("cost model" in r.decision for r in rows)
-    assert all((r.mode == "sparse") == (r.density < gx.nn.BREAK_EVEN_DENSITY[r.kind]) for r in rows)
+    layers = {name: m for name, m in auto.named_modules() if isinstance(m, (SparseConv2d, SparseLinear))}
+    assert all((r.mode == "sparse") == (r.density < gx.nn.break_even_density(layers[r.name], None)[0]) for r in rows)
     for layer in auto.modules():
         if isinstance(layer, (SparseConv2d, SparseLinear)) and layer.mode != "sparse":
             worth = layer.nnz > 0 and 1 - layer.compact_mac_fraction >= gx.nn.COMPACT_MIN_SAVING
@@ -121,6 +122,55 @@ def test_policies_and_report():
     assert "layers use the sparse kernels" in format_sparsity_report(measured)
     dense = gx.sparsify(model, masks, policy="dense")
     assert all(r.mode == "dense" for r in sparsity_report(dense))
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.8, 0.97])
+@pytest.mark.parametrize("policy", ["auto", "dense", "sparse", "compact"])
+def test_planned_modes_are_the_modes_sparsify_picks(sparsity, policy):
+    model, masks = _pruned(SmallResNet, sparsity=sparsity)
+    converted = {f"{r.name}.weight": r.mode for r in sparsity_report(gx.sparsify(model, masks, policy=policy))}
+    planned = gx.nn.planned_modes(model, masks, policy=policy)
+    assert planned == converted
+    assert not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in model.modules())  # model left alone
+    with pytest.raises(ValueError, match="policy must be one of .* got 'measure'"):
+        gx.nn.planned_modes(model, masks, policy="measure")
+
+
+def test_predicted_saving_follows_the_planned_modes():
+    model, masks = _pruned(SmallResNet, sparsity=0.97)
+    assert gx.nn.predicted_saving(model, masks, policy="dense") == 0.0
+    sparse = gx.sparsify(model, masks, policy="sparse")
+    layers = [m for m in sparse.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    limits = [gx.nn.break_even_density(m, None)[0] for m in layers]
+    assert gx.nn.predicted_saving(model, masks, policy="sparse") == pytest.approx(
+        sum(1 - m.density / b for m, b in zip(layers, limits)) / len(masks))
+    assert 0 < gx.nn.predicted_saving(model, masks) <= 1
+
+
+def test_a_dense_side_conv_between_sparse_layers_runs_sparse_under_twice_its_break_even():
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1))
+    limit = gx.nn.convert.conv_break_even(64)
+    g = torch.Generator().manual_seed(0)
+    densities = [0.05, 1.5 * limit, 0.05, 2.5 * limit]
+    masks = {f"{i}.weight": torch.rand(64, 64, 3, 3, generator=g) < d for i, d in enumerate(densities)}
+    modes = gx.nn.planned_modes(model, masks)
+    assert list(modes.values()) == ["sparse", "sparse", "sparse", "dense"]  # the last has no sparse layer after it
+    rows = sparsity_report(gx.sparsify(model, masks))
+    assert [r.mode for r in rows] == list(modes.values()) and "between sparse layers" in rows[1].decision
+
+
+def test_conv_break_even_follows_the_layer_width():
+    from graspext.nn.convert import conv_break_even
+
+    points = dict(gx.nn.CONV_BREAK_EVEN_BY_WIDTH)
+    assert all(conv_break_even(w) == pytest.approx(d) for w, d in points.items())
+    assert conv_break_even(4) == points[16] and conv_break_even(4096) == points[512]
+    assert points[32] > conv_break_even(45) > points[64]  # between the points, between their values
+    narrow = SparseConv2d.from_dense(nn.Conv2d(16, 16, 3), torch.rand(16, 16, 3, 3) < 0.6)
+    wide = SparseConv2d.from_dense(nn.Conv2d(256, 256, 3), torch.rand(256, 256, 3, 3) < 0.6)
+    assert gx.nn.break_even_density(narrow, None)[0] > gx.nn.break_even_density(wide, None)[0]
+    assert "width 16" in gx.nn.break_even_density(narrow, None)[1]
 
 
 @pytest.mark.cuda
@@ -262,7 +312,9 @@ def _with_dead_channels(masks, fraction=0.5):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_cls", [SmallVGG, SmallResNet])
-def test_compact_policy_computes_the_same_and_reports_dead_channels(model_cls, device):
+def test_compact_policy_computes_the_same_and_reports_dead_channels(model_cls, device, monkeypatch):
+    # Narrow layers run sparse up to high densities; a flat break-even puts these on the dense side.
+    monkeypatch.setattr(gx.nn.convert, "CONV_BREAK_EVEN_BY_WIDTH", ((16, 0.25),))
     model, masks = _pruned(model_cls, sparsity=0.5)
     masks = _with_dead_channels(masks)
     model = model.to(device)
