@@ -12,6 +12,8 @@ in float32 and bfloat16, and SparseProp.
 Dynamic sparse training (--dst; see dst_workloads.py): the mean train step of a RigL run (updates every 100
 steps included) against the static sparse step, dense float32, dense bfloat16 channels_last and rigl-torch.
 Lottery tickets (--imp; see lottery_workloads.py): the train step at each IMP round's density against round 0.
+Curvature (--analysis; see analysis_workloads.py): Hessian-vector products on VGG19-CIFAR, exact against the
+frozen-activation finite difference, and SLQ's time and peak memory.
 """
 
 from __future__ import annotations
@@ -26,8 +28,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import (differences_from_official, grasp_graspext, grasp_official, kth_graspext,  # noqa: E402
-                       kth_torch, measure_grasp, selection_scores, vgg19_cifar_setup)
+from workloads import (  # noqa: E402
+    differences_from_official,
+    grasp_graspext,
+    grasp_official,
+    kth_graspext,
+    kth_torch,
+    measure_grasp,
+    selection_scores,
+    vgg19_cifar_setup,
+)
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -90,8 +100,16 @@ def grasp_table(repeats):
 
 
 def sparse_tables(repeats: int, quick: bool) -> None:
-    from sparse_workloads import (BATCH_NORM_SHAPES, MODELS, SPARSITIES, BatchNormCase, ConvCase, LinearCase,
-                                  StepCase, conv_layers)
+    from sparse_workloads import (
+        BATCH_NORM_SHAPES,
+        MODELS,
+        SPARSITIES,
+        BatchNormCase,
+        ConvCase,
+        LinearCase,
+        StepCase,
+        conv_layers,
+    )
 
     sparsities = SPARSITIES[1:3] if quick else SPARSITIES
     ms = lambda fn: 1e3 * median_seconds(fn, repeats)  # noqa: E731
@@ -244,6 +262,37 @@ def imp_round_table(repeats: int, quick: bool) -> None:
         del cases
 
 
+def analysis_table(repeats: int, quick: bool) -> None:
+    """Hessian-vector products on VGG19-CIFAR, exact against finite difference (dense and over 98 % masks), then
+    SLQ's time and peak memory for one probe."""
+    import time as _time
+
+    from analysis_workloads import BATCH, HVPCase, current_rss_mib, peak_rss_mib, vgg19_curvature
+
+    for masked in (False, True):
+        cases = {engine: HVPCase(engine, masked) for engine in ("exact", "finite_difference")}
+        t = interleaved_medians({k: c.step for k, c in cases.items()}, repeats, warmup=1)
+        dim = cases["exact"].curvature.dim
+        products = {k: c.curvature.flatten(c.curvature.hvp(c.v)) for k, c in cases.items()}
+        print(f"\n| VGG19-CIFAR HVP, batch {BATCH}, {'98 % masks' if masked else 'dense'} ({dim:,} coordinates) "
+              "| ms | products/s | vs exact | relative error vs exact |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for engine, ms in t.items():
+            error = float((products[engine] - products["exact"]).norm() / products["exact"].norm())
+            print(f"| {engine} | {ms:.0f} | {1e3 / ms:.2f} | {t['exact'] / ms:.2f}x | {error:.2g} |", flush=True)
+        del cases
+    steps = 5 if quick else 20
+    curvature = vgg19_curvature("exact")
+    before = current_rss_mib()
+    start = _time.perf_counter()
+    curvature.spectral_density(probes=1, steps=steps)
+    seconds = _time.perf_counter() - start
+    print("\n| SLQ VGG19-CIFAR, 1 probe | Lanczos steps | s | peak RSS added MiB | basis MiB (steps x dim x 8 B) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| exact | {steps} | {seconds:.1f} | {peak_rss_mib() - before:.0f} | "
+          f"{steps * curvature.dim * 8 / 2**20:.0f} |")
+
+
 def interleaved_medians(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median milliseconds of each step, timed in turn (one call of each per round), so that a slow phase of a
     noisy machine hits every configuration alike; each is warmed up first (allocator pools, oneDNN primitives)."""
@@ -269,11 +318,14 @@ def main() -> None:
                         help="only the train-step table against dense bfloat16 (AMX) and SparseProp")
     parser.add_argument("--imp", action="store_true",
                         help="only the train step per IMP round (lottery tickets) against the dense round")
+    parser.add_argument("--analysis", action="store_true",
+                        help="only the curvature table (HVP exact against finite difference, SLQ time and memory)")
     parser.add_argument("--dst", action="store_true",
                         help="only the RigL train-step table (update overhead, dense, rigl-torch)")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
-    for flag, table in (("dst", dst_step_table), ("imp", imp_round_table), ("bf16", bf16_step_table),
+    for flag, table in (("analysis", analysis_table), ("dst", dst_step_table), ("imp", imp_round_table),
+                        ("bf16", bf16_step_table),
                         ("sparse", sparse_tables)):
         if getattr(args, flag):  # one table only
             table(args.repeats, args.quick)

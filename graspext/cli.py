@@ -84,8 +84,10 @@ def _train(args) -> int:
     _check_out(args.out, "folder")
     settings = dict(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, out_dir=args.out,
                     resume=not args.restart, progress=not args.no_progress, kernels=args.kernels,
-                    amp=args.amp or False)
+                    init=args.init, amp=args.amp or False)
     gx.TrainConfig(**settings)  # every setting checked before the data is loaded
+    if args.init and not args.masks:
+        raise ValueError(f"--init {args.init} needs --masks: it scales each weight by its unit's kept connections")
     model, train_set = _seeded_model_and_data(args)
     test_set, _ = _datasets(args, train=False)
     masks = None
@@ -243,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: bf16 autocast (CPU or CUDA) or fp16 with loss scaling (CUDA)")
     t.add_argument("--kernels", default="auto", choices=["auto", "sparse", "dense"],
                    help="with --masks: sparse kernels (auto: where the device has them) or masked dense weights")
+    from graspext.init import INITS
+
+    t.add_argument("--init", choices=INITS, default=None,
+                   help="with --masks: sparse-aware init before training (unit_scaled: He on each unit's kept "
+                        "fan-in, Evci et al. 2022; layer_scaled: dense init / sqrt(layer density))")
     _add_data_options(t)
     t.set_defaults(run=_train)
 
@@ -292,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("folder")
     lp.add_argument("--out", help="where the report goes (default FOLDER/report)")
     lp.set_defaults(run=_lottery_report)
+
+    from graspext.analysis.cli import add_analyze_parser
+
+    add_analyze_parser(sub)
 
     d = sub.add_parser("demo", help="the main job on the embedded data: GraSP, SNIP, SynFlow and random compared")
     d.add_argument("--model", default="vgg11_bn")

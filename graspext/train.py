@@ -31,6 +31,7 @@ from torch import nn
 from graspext._io import atomic_write, csv_text, write_text
 from graspext.allocator import keep_freed_memory
 from graspext.callbacks import Callback
+from graspext.init import INITS, apply_init_, masked_layers
 from graspext.masks import Masks
 from graspext.nn.convert import (
     AUTO_MIN_SAVING,
@@ -53,7 +54,7 @@ KERNELS = ("auto", "sparse", "dense")
 # The settings a resumed run must share with its checkpoint (the others -- out_dir, progress, ... -- change
 # nothing that trains; `kernels` is compared by the path it resolves to, see _load).
 RESUME_MUST_MATCH = ("epochs", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma", "seed", "amp",
-                     "sparse_policy", "train_batch_size")
+                     "sparse_policy", "train_batch_size", "init")
 
 
 def _comparable(value):
@@ -84,6 +85,9 @@ class TrainConfig:
     # scatter and a gather per step, and a network mixed between the two layouts converts between them.
     kernels: str = "auto"
     sparse_policy: str = "auto"
+    # With masks: a sparse-aware initialisation (graspext.init.INITS; Evci et al. 2022) drawn before training
+    # from a generator seeded by `seed`; None trains from the model's own weights.
+    init: str | None = None
 
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -114,6 +118,8 @@ class TrainConfig:
         if self.sparse_policy not in POLICIES or self.sparse_policy == "measure":
             allowed = tuple(p for p in POLICIES if p != "measure")
             raise ValueError(f"sparse_policy must be one of {allowed}, got {self.sparse_policy!r}")
+        if self.init is not None and self.init not in INITS:
+            raise ValueError(f"init must be None or one of {INITS}, got {self.init!r}")
 
 
 @dataclass
@@ -175,6 +181,11 @@ class Trainer:
                              "'weight'): train graspext.sparsify(model, masks) with masks=None, or use kernels='auto'")
         if self.config.kernels == "sparse" and masks is None:
             raise ValueError("kernels='sparse' needs masks: a dense model has no sparse layers to compute")
+        if self.config.init is not None:
+            if masks is None:
+                raise ValueError(f"init={self.config.init!r} needs masks: it scales each weight by the kept "
+                                 "connections of its unit")
+            masked_layers(model, masks)  # every mask a Conv2d/Linear weight, checked before any work
         self.callbacks: list[Callback] = list(callbacks)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
@@ -270,8 +281,10 @@ class Trainer:
         # Every setting that changes what trains must match: a resumed run that silently kept the
         # checkpoint's settings would record the new ones in summary.json without having run them. (A setting
         # an older checkpoint does not record is not compared.)
+        # `init` is recorded even when None (no init is a setting too), so it is compared whenever recorded.
         changed = [k for k in RESUME_MUST_MATCH
-                   if saved.get(k) is not None and _comparable(saved[k]) != _comparable(current[k])]
+                   if (saved.get(k) is not None or (k == "init" and k in state["config"]))
+                   and _comparable(saved[k]) != _comparable(current[k])]
         if changed:
             raise ValueError(f"checkpoint {path!r} belongs to a run with "
                              + ", ".join(f"{k}={_comparable(saved[k])!r}" for k in changed) + "; this run has "
@@ -372,6 +385,10 @@ class Trainer:
         self.model.to(self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
+        if c.init is not None:
+            # Before the masks are applied (or the model sparsified); a resumed run's checkpoint then
+            # overwrites these weights with the trained ones.
+            apply_init_(c.init, self.model, self.masks, generator=torch.Generator().manual_seed(c.seed))
         sparse = self.uses_sparse_kernels
         handle = None
         if sparse:

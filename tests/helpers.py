@@ -32,3 +32,16 @@ def tiny_net(dtype=torch.float64):
 
 def ordered_loader(data, batch_size=8):
     return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def die_in_epoch(trainer, epoch: int) -> None:
+    """Makes ``trainer.fit()`` raise KeyboardInterrupt when it starts epoch ``epoch`` (0-based): a kill after the
+    checkpoints of the epochs before."""
+    original = trainer._run_epoch
+
+    def run_epoch(e, *args, **kwargs):
+        if e == epoch:
+            raise KeyboardInterrupt("killed")
+        return original(e, *args, **kwargs)
+
+    trainer._run_epoch = run_epoch

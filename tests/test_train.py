@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import graspext as gx
 from tests.conftest import SmallVGG
+from tests.helpers import die_in_epoch
 
 
 def _loaders(seed=0, n=96):
@@ -44,14 +45,7 @@ def _kill_and_resume(tmp_path, config):
 
     model, masks = _model_and_masks()
     trainer = gx.Trainer(model, *_loaders(), gx.TrainConfig(**config, out_dir=str(tmp_path / "killed")), masks)
-    original = trainer._run_epoch
-
-    def dies_in_epoch_three(epoch, *args, **kwargs):
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
-        return original(epoch, *args, **kwargs)
-
-    trainer._run_epoch = dies_in_epoch_three
+    die_in_epoch(trainer, 2)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert not os.path.exists(tmp_path / "killed" / "summary.json")  # nothing looks complete

@@ -13,8 +13,9 @@ choose on test accuracy, which leaks the test set) or from the last epoch (``pru
 
 Every round lives in ``out_dir/round-NN`` (its masks, the trainer's checkpoint and results, ``round.json`` when
 done), so a run killed anywhere -- inside a round or between two -- resumes and ends bit for bit as an
-uninterrupted one. Rounds train on ``graspext.sparsify``'s layers (``kernels="auto"``), so they get faster as
-the network gets sparser.
+uninterrupted one. Rounds train as the trainer's ``kernels="auto"`` trains: masked dense weights while the cost
+model predicts sparse layers not to pay, ``graspext.sparsify``'s layers from then on, so the time per round is
+flat at first and falls as the network gets sparser (benchmarks/RESULTS.md, IMP rounds).
 """
 
 from __future__ import annotations
