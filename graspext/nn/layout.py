@@ -64,6 +64,25 @@ class _ToBatchInnermost(torch.autograd.Function):
         return _hwcn_to_nchw(grad)
 
 
+class _ToNCHW(torch.autograd.Function):
+    """The inverse conversion, with the gradient going back batch-innermost (as the sparse layer before wants)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _hwcn_to_nchw(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _nchw_to_hwcn(grad.contiguous())
+
+
+def to_nchw(x: Tensor) -> Tensor:
+    """``x`` NCHW-contiguous if it is batch-innermost (one tiled transpose), else ``x`` itself. Dense torch
+    convolutions call this first: oneDNN on a batch-innermost input reorders it through a slow generic path
+    (a 64->64 3x3 layer at batch 128, forward+backward: 345 ms against 196 ms on NCHW)."""
+    return _ToNCHW.apply(x) if is_batch_innermost(x) else x
+
+
 def to_batch_innermost(x: Tensor) -> Tensor:
     """``x`` (N, C, H, W) with ``[H, W, C, N]`` storage: a copy unless it already is (its gradient, if any,
     comes back NCHW-contiguous, as a dense layer before it wants)."""
@@ -243,7 +262,7 @@ class Conv2d(nn.Conv2d):
     emit_batch_innermost = False
 
     def forward(self, x: Tensor) -> Tensor:
-        y = super().forward(x)
+        y = super().forward(to_nchw(x) if x.dim() == 4 else x)
         return to_batch_innermost(y) if self.emit_batch_innermost and y.dim() == 4 and y.shape[0] > 1 else y
 
 

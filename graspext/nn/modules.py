@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graspext.nn.layout import to_batch_innermost
+from graspext.nn.layout import to_batch_innermost, to_nchw
 from graspext.nn.pattern import SparsePattern
 from graspext.ops.sparse import sparse_conv2d, sparse_linear
 
@@ -476,6 +476,8 @@ class SparseConv2d(_SparseLayer):
 
         if self.dense_channels_last and x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            x = to_nchw(x)  # from a sparse layer before: one fast transpose, not oneDNN's generic reorder
 
         if self._mode == "compact" and self.nnz > 0 and self.groups == 1:  # groups tie channels together
             y = self._compact_call(x, 1, conv)

@@ -14,6 +14,7 @@ from graspext.nn.layout import (
     norm_add_relu,
     to_batch_innermost,
     to_layout_module,
+    to_nchw,
 )
 
 
@@ -137,3 +138,31 @@ def test_to_batch_innermost_converts_value_and_gradient():
                                                                      requires_grad=True),))
     with pytest.raises(ValueError, match="4-D"):
         to_batch_innermost(torch.randn(3, 4))
+
+
+def test_to_nchw_converts_value_and_hands_the_gradient_back_batch_innermost():
+    x = to_batch_innermost(torch.randn(3, 4, 5, 6, dtype=torch.float64)).requires_grad_()
+    y = to_nchw(x)
+    assert y.is_contiguous() and not is_batch_innermost(y) and torch.equal(y, x)
+    plain = torch.randn(3, 4, 5, 6)
+    assert to_nchw(plain) is plain
+    grad = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    y.backward(grad)
+    assert is_batch_innermost(x.grad) and torch.equal(x.grad, grad)  # as the sparse layer before it wants
+    leaf = to_batch_innermost(torch.randn(2, 3, 2, 2, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(to_nchw, (leaf,))
+
+
+@pytest.mark.parametrize("emit", [False, True])
+def test_unmasked_conv_reads_any_layout_and_emits_batch_innermost_when_asked(emit):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    layout_conv = to_layout_module(copy.deepcopy(conv))
+    layout_conv.emit_batch_innermost = emit
+    x = torch.randn(5, 4, 7, 7, dtype=torch.float64)
+    for inp in (x, to_batch_innermost(x)):
+        y = layout_conv(inp)
+        assert is_batch_innermost(y) == emit
+        torch.testing.assert_close(y, conv(x))
+    assert type(from_layout_module(layout_conv)) is nn.Conv2d
+    assert "emit_batch_innermost" not in from_layout_module(layout_conv).__dict__
