@@ -14,6 +14,7 @@ steps included) against the static sparse step, dense float32, dense bfloat16 ch
 Lottery tickets (--imp; see lottery_workloads.py): the train step at each IMP round's density against round 0.
 Curvature (--analysis; see analysis_workloads.py): Hessian-vector products on VGG19-CIFAR, exact against the
 frozen-activation finite difference, and SLQ's time and peak memory.
+TopAgg (--topagg; see test_topagg.py): DataLens's vote aggregation, fused operator against the torch reference.
 """
 
 from __future__ import annotations
@@ -293,6 +294,22 @@ def analysis_table(repeats: int, quick: bool) -> None:
           f"{steps * curvature.dim * 8 / 2**20:.0f} |")
 
 
+def topagg_table(repeats: int, quick: bool) -> None:
+    """TopAgg at DataLens's scale, the fused operator against the plain-torch reference."""
+    from test_topagg import BETA, D, K, SAMPLES, SIGMA, TEACHERS
+
+    from graspext.ops.topagg import topagg, topagg_reference
+
+    teachers = 400 if quick else TEACHERS
+    grads = torch.randn(SAMPLES, teachers, D, generator=torch.Generator().manual_seed(0))
+    t = interleaved_medians({"fused": lambda: topagg(grads, K, 1.0, SIGMA, BETA, 0),
+                             "reference": lambda: topagg_reference(grads, K, 1.0, SIGMA, BETA, 0)}, repeats, warmup=1)
+    print(f"\n| TopAgg, T={teachers}, d={D}, {SAMPLES} samples, k={K} | ms | vs reference |")
+    print("| --- | ---: | ---: |")
+    for impl, ms in t.items():
+        print(f"| {impl} | {ms:.0f} | {t['reference'] / ms:.2f}x |", flush=True)
+
+
 def interleaved_medians(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median milliseconds of each step, timed in turn (one call of each per round), so that a slow phase of a
     noisy machine hits every configuration alike; each is warmed up first (allocator pools, oneDNN primitives)."""
@@ -320,11 +337,13 @@ def main() -> None:
                         help="only the train step per IMP round (lottery tickets) against the dense round")
     parser.add_argument("--analysis", action="store_true",
                         help="only the curvature table (HVP exact against finite difference, SLQ time and memory)")
+    parser.add_argument("--topagg", action="store_true", help="only the TopAgg table (fused against reference)")
     parser.add_argument("--dst", action="store_true",
                         help="only the RigL train-step table (update overhead, dense, rigl-torch)")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
-    for flag, table in (("analysis", analysis_table), ("dst", dst_step_table), ("imp", imp_round_table),
+    for flag, table in (("analysis", analysis_table), ("topagg", topagg_table), ("dst", dst_step_table),
+                        ("imp", imp_round_table),
                         ("bf16", bf16_step_table),
                         ("sparse", sparse_tables)):
         if getattr(args, flag):  # one table only

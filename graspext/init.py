@@ -31,7 +31,7 @@ INITS = ("unit_scaled", "unit_scaled_fan_out", "unit_scaled_fan_avg", "layer_sca
 FANS = ("in", "out", "avg")
 DISTRIBUTIONS = ("normal", "uniform")
 
-__all__ = ["DISTRIBUTIONS", "FANS", "INITS", "apply_init_", "layer_scaled_init_", "unit_scaled_init_"]
+__all__ = ["DISTRIBUTIONS", "FANS", "INITS", "apply_init_", "layer_scaled_init_", "masked_layers", "unit_scaled_init_"]
 
 
 def masked_layers(model: nn.Module, masks: Mapping[str, Tensor]) -> list[tuple[str, nn.Parameter, Tensor]]:

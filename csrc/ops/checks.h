@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string>
 
 namespace graspext::ops {
@@ -64,3 +65,24 @@ inline c10::ScalarType check_masks_from_threshold_args(at::TensorList scores, co
 }
 
 }  // namespace graspext::ops
+
+// The arguments of topagg / topagg_votes, for every backend: grads [S, T, d] (votes: also [T, d]); sigma and
+// beta only for the fused topagg. Value errors reach Python as ValueError, dtype errors as TypeError.
+inline void check_topagg_args(const at::Tensor& grads, int64_t k, double max_grad, bool fused, double sigma = 1.0,
+                              double beta = 0.0) {
+  TORCH_CHECK_TYPE(grads.scalar_type() == at::kFloat || grads.scalar_type() == at::kDouble,
+                   "grads must be float32 or float64, got ", grads.scalar_type());
+  TORCH_CHECK_VALUE(fused ? grads.dim() == 3 : (grads.dim() == 2 || grads.dim() == 3), "grads must be ",
+                    fused ? "[samples, teachers, d]" : "[teachers, d] or [samples, teachers, d]", ", got shape ",
+                    grads.sizes());
+  const int64_t d = grads.size(-1);
+  TORCH_CHECK_VALUE(d >= 1 && grads.size(-2) >= 1,
+                    "grads must have at least one teacher and one coordinate, got shape ", grads.sizes());
+  TORCH_CHECK_VALUE(k >= 1 && k <= d, "k must be in [1, ", d, "] (the gradient's length d), got ", k);
+  TORCH_CHECK_VALUE(std::isfinite(max_grad) && max_grad > 0, "max_grad must be a positive finite number, got ",
+                    max_grad);
+  TORCH_CHECK_VALUE(std::isfinite(sigma) && sigma > 0, "sigma must be a positive finite number (the noise's "
+                    "standard deviation), got ", sigma);
+  TORCH_CHECK_VALUE(beta >= 0 && beta < 1, "beta must be in [0, 1) (the vote threshold as a fraction of the "
+                    "teachers), got ", beta);
+}
