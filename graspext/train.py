@@ -171,7 +171,7 @@ class Trainer:
                              "use amp='bf16' on the CPU")
         # Tied weights stay one tensor on the masked dense path; sparse layers would untie them.
         self._tied = tied_weights(model, masks) if masks is not None else {}
-        self._auto_sparse: bool | None = None  # kernels="auto" on the CPU: whether any layer would run sparse
+        self._auto_sparse: bool | None = None  # kernels="auto" on the CPU: whether the sparse layers would pay
         if self.config.kernels == "sparse" and self._tied:
             name, others = next(iter(self._tied.items()))
             raise ValueError(f"kernels='sparse' cannot train tied weights ({name} is shared with "

@@ -34,4 +34,5 @@ def create(name: str, num_classes: int = 10) -> nn.Module:
                      f"got {name!r}")
 
 
-__all__ = ["REGISTRY", "create", "VGG", "CifarResNet", "WideResNet", "LeNet5", "LeNet300100", "wrn28_10"] + list(REGISTRY)
+__all__ = ["REGISTRY", "create", "VGG", "CifarResNet", "WideResNet", "LeNet5", "LeNet300100",
+           "wrn28_10"] + list(REGISTRY)

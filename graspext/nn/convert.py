@@ -239,8 +239,7 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
         example_input: an input batch for ``policy="measure"``.
         keep_layout: also swap BatchNorm2d, pooling and unmasked Conv2d layers for subclasses that keep the
             sparse kernels' batch-innermost layout (same computation and state_dict), so layouts are converted
-            once, and
-            fuse each BatchNorm2d that a Sequential runs into a ReLU (the ReLU becomes ``FusedReLU``).
+            once, and fuse each BatchNorm2d that a Sequential runs into a ReLU (the ReLU becomes ``FusedReLU``).
         filter_fn: ``filter_fn(module, name) -> bool`` to leave some masked layers alone.
         dtype: the dtype the model will train in, for the cost model and ``"measure"``: ``None`` for the
             weights' dtype, ``torch.bfloat16`` for ``torch.autocast("cpu", torch.bfloat16)`` (the choice
@@ -289,9 +288,9 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
         _join_sparse_neighbours(converted, dtype)
     if keep_layout and targets:
         for name, module in list(out.named_modules()):
-            converted = to_layout_module(module)
-            if converted is not module:
-                out = _replace(out, name, converted)
+            swapped = to_layout_module(module)
+            if swapped is not module:
+                out = _replace(out, name, swapped)
         # A layer computed by dense torch (a sparse layer in dense mode, or an unmasked convolution) hands its
         # output batch-innermost to a sparse layer after it.
         layers = [m for m in out.modules() if isinstance(m, (SparseConv2d, SparseLinear, LayoutConv2d))]
