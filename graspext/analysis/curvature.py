@@ -92,8 +92,10 @@ class Curvature:
         if not self.batches:
             raise ValueError("batches: no batch to take the loss on")
         self.num_samples = sum(len(y) for _, y in self.batches)
-        self.dim = sum(int(self.masks[n].sum()) if n in self.masks else p.numel()
-                       for n, p in zip(self.names, self.params))
+        # Coordinates per parameter, counted once: flatten/unflatten run on every Lanczos step.
+        self._counts = [int(self.masks[n].sum()) if n in self.masks else p.numel()
+                        for n, p in zip(self.names, self.params)]
+        self.dim = sum(self._counts)
         self._fd_base: list[tuple[list[Tensor], ActivationPatterns]] | None = None
         self.hvp_count = 0
 
@@ -115,9 +117,8 @@ class Curvature:
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         out, at = [], 0
-        for n, p in zip(self.names, self.params):
+        for n, p, count in zip(self.names, self.params, self._counts):
             t = torch.zeros_like(p, dtype=torch.float64)
-            count = int(self.masks[n].sum()) if n in self.masks else p.numel()
             if n in self.masks:
                 t[self.masks[n]] = flat[at:at + count]
             else:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graspext._io import write_text
+from graspext.analysis.evaluation import evaluate
 from graspext.callbacks import Callback
 from graspext.nn.modules import SparseConv2d, SparseLinear
 
@@ -243,20 +244,6 @@ def _check_state(name: str, state, reference: Mapping[str, Tensor]) -> None:
                              f"{tuple(ref.shape)}; it belongs to another model")
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable, device: torch.device) -> tuple[float, float]:
-    total, correct, seen = 0.0, 0, 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        total += float(loss_fn(out.float() if out.dtype in (torch.float16, torch.bfloat16) else out, y)) * len(y)
-        correct += int((out.argmax(1) == y).sum())
-        seen += len(y)
-    if seen == 0:
-        raise ValueError("loader: it yielded no samples")
-    return total / seen, correct / seen
-
-
 def interpolate(model: nn.Module, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], loader: Iterable,
                 alphas: Sequence[float] | None = None, loss_fn: Callable = F.cross_entropy) -> list[dict[str, float]]:
     """Loss and accuracy on ``loader`` along θ(α) = (1 − α)·θ_a + α·θ_b (Evci et al., AAAI 2022, Sec. 5).
@@ -298,7 +285,7 @@ def interpolate(model: nn.Module, state_a: Mapping[str, Tensor], state_b: Mappin
                 a, b = state_a[k].to(ref.device), state_b[k].to(ref.device)
                 theta[k] = (1 - alpha) * a + alpha * b if ref.is_floating_point() else a
             target.load_state_dict(theta)
-            loss, acc = _evaluate(target, loader, loss_fn, device)
+            loss, acc = evaluate(target, loader, loss_fn, device)
             results.append({"alpha": alpha, "loss": loss, "accuracy": acc})
     finally:
         if original is not None:

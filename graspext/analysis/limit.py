@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graspext.analysis.curvature import Curvature, SpectralDensity
+from graspext.analysis.evaluation import evaluate
 from graspext.callbacks import Callback
 from graspext.pruning.selection import select_masks
 
@@ -67,22 +68,6 @@ def _removed_masks(weights: dict[str, Tensor], removed: float) -> dict[str, Tens
     scores = [w.detach().abs().float() for w in weights.values()]
     masks, _ = select_masks(scores, count, remove_largest=False)
     return dict(zip(weights, masks))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_entropy) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` (in its current mode) over ``loader``."""
-    total_loss, correct, seen = 0.0, 0, 0
-    device = next(model.parameters()).device
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        total_loss += float(loss_fn(out, y)) * len(y)
-        correct += int((out.argmax(1) == y).sum())
-        seen += len(y)
-    if seen == 0:
-        raise ValueError("loader yielded no samples")
-    return total_loss / seen, correct / seen
 
 
 def one_shot_sweep(model: nn.Module, loader: Iterable, fractions: Sequence[float], *,
