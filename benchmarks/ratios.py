@@ -310,6 +310,34 @@ def topagg_table(repeats: int, quick: bool) -> None:
         print(f"| {impl} | {ms:.0f} | {t['reference'] / ms:.2f}x |", flush=True)
 
 
+def datalens_table(repeats: int, quick: bool) -> None:
+    """DataLens's training step and generator step, and the batched teacher gradients against one call per
+    teacher (the official structure)."""
+    import test_datalens as bench
+
+    from graspext.datalens.models import one_hot
+
+    names = ["digits-eps10"] if quick else sorted(bench.WORKLOADS)
+    print("\n| DataLens workload | teachers | samples/step | whole step ms | generator step ms "
+          "| teacher grads, ensemble ms | per-teacher loop ms | ensemble speedup |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        run, t = _datalens_row(bench, one_hot, name, repeats)
+        print(f"| {name} | {run.config.teachers} | {run.batch_size} | {t['step']:.0f} | {t['generator']:.0f} | "
+              f"{t['ensemble']:.0f} | {t['loop']:.0f} | {t['loop'] / t['ensemble']:.1f}x |", flush=True)
+
+
+def _datalens_row(bench, one_hot, name: str, repeats: int):
+    run = bench.make_run(name)
+    z, labels = bench.step_inputs(run)
+    with torch.no_grad():
+        fake = run.generator(z, one_hot(labels, 10))
+    loop = bench.per_teacher_loop(run)
+    return run, interleaved_medians({"step": run.train_step, "generator": lambda: run._generator_step(z, labels, 0),
+                                     "ensemble": lambda: run.teacher_gradients(fake, labels),
+                                     "loop": lambda: loop(fake, labels)}, repeats, warmup=1)
+
+
 def interleaved_medians(steps: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median milliseconds of each step, timed in turn (one call of each per round), so that a slow phase of a
     noisy machine hits every configuration alike; each is warmed up first (allocator pools, oneDNN primitives)."""
@@ -338,11 +366,14 @@ def main() -> None:
     parser.add_argument("--analysis", action="store_true",
                         help="only the curvature table (HVP exact against finite difference, SLQ time and memory)")
     parser.add_argument("--topagg", action="store_true", help="only the TopAgg table (fused against reference)")
+    parser.add_argument("--datalens", action="store_true",
+                        help="only the DataLens step table (generator step, teacher gradients against a loop)")
     parser.add_argument("--dst", action="store_true",
                         help="only the RigL train-step table (update overhead, dense, rigl-torch)")
     args = parser.parse_args()
     print(f"machine: {machine()}\n")
-    for flag, table in (("analysis", analysis_table), ("topagg", topagg_table), ("dst", dst_step_table),
+    for flag, table in (("analysis", analysis_table), ("topagg", topagg_table), ("datalens", datalens_table),
+                        ("dst", dst_step_table),
                         ("imp", imp_round_table),
                         ("bf16", bf16_step_table),
                         ("sparse", sparse_tables)):

@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze_parser(sub)
 
+    from graspext.datalens.cli import add_datalens_parser
+
+    add_datalens_parser(sub)
+
     d = sub.add_parser("demo", help="the main job on the embedded data: GraSP, SNIP, SynFlow and random compared")
     d.add_argument("--model", default="vgg11_bn")
     d.add_argument("--sparsity", type=float, default=0.98)

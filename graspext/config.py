@@ -63,6 +63,20 @@ def config_path(name_or_path: str) -> Path:
     return shipped
 
 
+def shipped_or_file(name_or_path: str, folder: Path, kind: str) -> Path:
+    """A ``.toml`` path, or the name of a config shipped in ``folder``; ``kind`` names the configs in errors."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no file {name_or_path!r}")
+        return path
+    shipped = folder / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        names = ", ".join(sorted(p.stem for p in folder.glob("*.toml")))
+        raise ValueError(f"config: {name_or_path!r} is neither a .toml file nor a shipped {kind} config ({names})")
+    return shipped
+
+
 def read_config_file(path: Path, allowed: set[str]) -> dict[str, Any]:
     """The TOML of a config file; invalid TOML or a top-level key outside ``allowed`` is an error naming it."""
     try:

@@ -174,6 +174,22 @@ def digits_images(train: bool = True, size: int = 16, test_fraction: float = 0.2
     return ds
 
 
+def load_images(dataset: str, train: bool = True, image_size: int = 8, root: str | None = None,
+                download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` of a DataLens dataset split: float32 ``[N, 1, H, W]`` in [0, 1] and int64 ``[N]``.
+    ``dataset``: ``"digits"`` (embedded, ``image_size`` square) or ``"mnist"`` / ``"fashion_mnist"`` (IDX files
+    under ``root``, 28x28)."""
+    if dataset == "digits":
+        ds = digits_images(train, size=image_size)
+        return ds.tensors[0], ds.tensors[1]
+    if dataset not in IDX_DATASETS:
+        raise ValueError(f"dataset must be 'digits' or one of {sorted(IDX_DATASETS)}, got {dataset!r}")
+    if root is None:
+        raise ValueError(f"{dataset} needs a data root (the folder holding its IDX files)")
+    ds = IDXDataset(root, dataset, train=train, download=download)
+    return ds.images.unsqueeze(1).to(torch.float32) / 255.0, ds.targets
+
+
 def class_balanced_partition(targets, teachers: int, seed: int = 0) -> list[torch.Tensor]:
     """Indices (int64, ascending) of the examples given to each of ``teachers`` teacher discriminators.
 
@@ -210,4 +226,5 @@ def class_balanced_partition(targets, teachers: int, seed: int = 0) -> list[torc
     return [order[t::teachers].sort().values for t in range(teachers)]
 
 
-__all__ = ["IDX_DATASETS", "IDX_TYPES", "IDXDataset", "class_balanced_partition", "digits_images", "read_idx"]
+__all__ = ["IDX_DATASETS", "IDX_TYPES", "IDXDataset", "class_balanced_partition", "digits_images",
+           "load_images", "read_idx"]

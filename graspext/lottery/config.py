@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from graspext.config import CONFIG_DIR, read_config_file
+from graspext.config import CONFIG_DIR, read_config_file, shipped_or_file
 
 LOTTERY_CONFIG_DIR = CONFIG_DIR / "lottery"
 TOP_LEVEL = {"name", "model", "dataset", "batch_size", "val_fraction", "select_on", "imp", "train", "compare"}
@@ -52,14 +51,7 @@ def load_lottery_config(name_or_path: str) -> LotteryConfig:
     from graspext.lottery.imp import IMPConfig
     from graspext.train import TrainConfig
 
-    path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = LOTTERY_CONFIG_DIR / f"{name_or_path}.toml"
-        if not path.is_file():
-            raise ValueError(f"config: {name_or_path!r} is neither a .toml file nor a shipped lottery config "
-                             f"({', '.join(list_lottery_configs())})")
-    elif not path.is_file():
-        raise FileNotFoundError(f"config: no file {name_or_path!r}")
+    path = shipped_or_file(name_or_path, LOTTERY_CONFIG_DIR, "lottery")
     raw = read_config_file(path, TOP_LEVEL)
     for key in ("model", "dataset"):
         if not isinstance(raw.get(key), str) or not raw[key]:
