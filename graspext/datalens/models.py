@@ -65,6 +65,8 @@ class Generator(nn.Module):
         h4, w4 = height // 4, width // 4
         self.fc0 = nn.Linear(z_dim + classes, gfc)
         self.fc1 = nn.Linear(gfc + classes, 2 * gf * h4 * w4)
+        # Doubles the size like TensorFlow's "SAME" conv2d_transpose; the kernel's alignment may differ by a pixel,
+        # which a freshly initialised network does not notice.
         self.deconv2 = nn.ConvTranspose2d(2 * gf + classes, 2 * gf, 5, stride=2, padding=2, output_padding=1)
         self.deconv3 = nn.ConvTranspose2d(2 * gf + classes, channels, 5, stride=2, padding=2, output_padding=1)
         # Batch norm's scale (row 0) and shift (row 1) per layer.

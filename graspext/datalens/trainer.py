@@ -79,7 +79,7 @@ class DataLensResult:
     queries: int
     epsilon: float
     delta: float
-    stopped: str                      # "max_eps" (the budget) or "max_epochs"
+    stopped: str                      # "max_eps" (the budget), "max_epochs", or "running" (not finished yet)
     batch_size: int
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -272,7 +272,12 @@ class DataLens:
         return self.result()
 
     def result(self) -> DataLensResult:
-        stopped = "max_eps" if self.step >= self.budget_steps() else "max_epochs"
+        if self.step >= self.budget_steps():
+            stopped = "max_eps"
+        elif self.step >= self.config.max_epochs * self.steps_per_epoch:
+            stopped = "max_epochs"
+        else:
+            stopped = "running"
         return DataLensResult(steps=self.step, epochs=self.step / self.steps_per_epoch,
                               queries=self.accountant.queries, epsilon=self.accountant.epsilon(),
                               delta=self.config.delta, stopped=stopped, batch_size=self.batch_size,

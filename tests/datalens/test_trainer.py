@@ -89,6 +89,8 @@ def test_resume_after_a_kill_is_bit_for_bit_and_spends_no_more(tmp_path):
     out = str(tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
         DataLens(cfg, out, progress=False, callbacks=[_Kill(7)]).fit()  # dies after step 7; checkpoint at 6
+    interrupted = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert (interrupted["steps"], interrupted["stopped"]) == (6, "running")
     resumed = DataLens(cfg, out, progress=False)
     got = resumed.fit()
     assert got.steps == expected.steps and got.queries == expected.queries and got.epsilon == expected.epsilon
