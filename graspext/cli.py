@@ -210,6 +210,12 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="CIFAR only: download into --data-root first")
 
 
+def _add_nproc_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel processes on this machine (torchrun, DDP: gloo on the CPU, NCCL on CUDA); "
+                        "the batch size stays the global batch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from graspext.models import REGISTRY
     from graspext.pruning import METHODS
@@ -250,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", choices=INITS, default=None,
                    help="with --masks: sparse-aware init before training (unit_scaled: He on each unit's kept "
                         "fan-in, Evci et al. 2022; layer_scaled: dense init / sqrt(layer density))")
+    _add_nproc_option(t)
     _add_data_options(t)
     t.set_defaults(run=_train)
 
@@ -265,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default runs/<name>); rerunning resumes from it")
     r.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_nproc_option(r)
     _add_data_options(r)
     r.set_defaults(run=_run)
 
@@ -278,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", help="sweep folder (default runs/sweep); rerunning resumes")
     w.add_argument("--workers", type=int, default=0)
     w.add_argument("--no-progress", action="store_true")
+    _add_nproc_option(w)
     w.set_defaults(run=_sweep, method=None, sparsity=None)
     _add_data_options(w)
 
@@ -319,12 +328,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from graspext.distributed.launch import launch, under_launcher
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        print(f"graspext {args.command}: error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
+        return 2
+    if nproc is not None and nproc > 1 and not under_launcher():
+        return launch(argv, nproc)
+    if nproc is not None and under_launcher() and int(os.environ["WORLD_SIZE"]) != nproc:
+        print(f"graspext {args.command}: error: --nproc {nproc} contradicts the launcher's WORLD_SIZE="
+              f"{os.environ['WORLD_SIZE']}", file=sys.stderr)
+        return 2
+    distributed = False
+    if under_launcher():
+        from graspext.distributed import init_from_env
+
+        distributed = init_from_env()
+        if distributed and int(os.environ.get("RANK", "0")) != 0:
+            sys.stdout = open(os.devnull, "w")  # one report, from rank 0 (errors still reach stderr)
     try:
         return args.run(args)
     except (ValueError, TypeError, OSError) as exc:  # user mistakes: one line, never a traceback
         print(f"graspext {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

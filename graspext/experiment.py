@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from graspext.config import ExperimentConfig
+from graspext.distributed.runtime import Distributed
 from graspext.allocator import keep_freed_memory
 from graspext.masks import Masks
 from graspext.nn import sparsify, sparsity_report
@@ -67,16 +68,19 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str, *, data_root: str | None
     from graspext import data
     from graspext.models import create
 
+    dist = Distributed()  # under torchrun: every rank runs this; rank 0 writes the files
     check_run_folder(cfg, out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    write_text(os.path.join(out_dir, RUN_CONFIG), json.dumps(_run_settings(cfg), indent=2) + "\n")
+    if dist.is_main:
+        write_text(os.path.join(out_dir, RUN_CONFIG), json.dumps(_run_settings(cfg), indent=2) + "\n")
     torch.manual_seed(cfg.seed)
     train_set = data.load(cfg.dataset, data_root, train=True, download=download)
     model = create(cfg.model, num_classes=data.NUM_CLASSES[cfg.dataset])
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(cfg.seed), num_workers=workers)
     masks_path = os.path.join(out_dir, "masks.pt")
-    if os.path.exists(masks_path):  # a resumed run keeps the masks it trained with
+    # Rank 0 decides, so that every rank prunes (a collective) or every rank loads.
+    if dist.broadcast_object(os.path.exists(masks_path)):  # a resumed run keeps the masks it trained with
         masks = Masks.load(masks_path)
         masks.check_fits(model)
         log(f"resuming with the masks in {masks_path}")
@@ -84,9 +88,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str, *, data_root: str | None
         options = dict(cfg.prune_options)
         if cfg.method in ("grasp", "snip", "random"):
             options.setdefault("seed", cfg.seed)
-        masks = gx.prune(model, cfg.method, cfg.sparsity, loader, **options)
-        masks.save(masks_path)
-        write_text(os.path.join(out_dir, "layers.txt"), masks.summary() + "\n")
+        masks = gx.prune(model, cfg.method, cfg.sparsity, loader, **options)  # data-parallel under torchrun
+        if dist.is_main:
+            masks.save(masks_path)
+            write_text(os.path.join(out_dir, "layers.txt"), masks.summary() + "\n")
+        dist.barrier()
     log(masks.summary())
     summary: dict[str, Any] = {"name": cfg.name, "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
                                "sparsity": masks.sparsity(), "seed": cfg.seed, "out_dir": out_dir}
@@ -135,7 +141,7 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
                 cfg.name = f"{method}-{sparsity:g}-s{seed}"
                 run_dir = os.path.join(out_dir, cfg.name)
                 done = os.path.join(run_dir, SUMMARY)
-                if os.path.exists(done):  # (an unfinished run is checked by run_experiment)
+                if Distributed().broadcast_object(os.path.exists(done)):  # every rank skips it, or none  # (an unfinished run is checked by run_experiment)
                     check_run_folder(cfg, run_dir)
                     try:
                         with open(done) as f:
@@ -149,7 +155,8 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
                 summary = run_experiment(cfg, run_dir, **run_kwargs)
                 rows.append({k: summary[k] for k in ("method", "seed", "best_test_acc", "final_test_acc", "out_dir")}
                             | {"sparsity": sparsity})
-    _write_tables(rows, out_dir)
+    if Distributed().is_main:
+        _write_tables(rows, out_dir)
     return rows
 
 

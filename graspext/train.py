@@ -10,6 +10,12 @@ callbacks (:mod:`graspext.callbacks`).
 Checkpoints are written atomically after every epoch. Every epoch starts from RNG seeds derived from
 (seed, epoch) — global torch/numpy/python RNGs and the DataLoader's own generator — so a run resumed after a
 kill replays exactly the epochs an uninterrupted run would have.
+
+Under ``torchrun`` (a torch.distributed process group of N > 1 processes, :mod:`graspext.distributed`) the same
+trainer runs data-parallel: the loaders' batch size is the global batch, each rank computes its 1/N slice of
+every global batch through DistributedDataParallel (the learning rate is the single-process one), metrics are
+summed over the ranks, BatchNorm running statistics are averaged after each training epoch, and rank 0 alone
+writes the checkpoint and result files. A checkpoint resumes only with the world size that wrote it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from torch import nn
 from graspext._io import atomic_write, csv_text, write_text
 from graspext.allocator import keep_freed_memory
 from graspext.callbacks import Callback
+from graspext.distributed.runtime import Distributed
+from graspext.distributed.sampler import shard_loader
 from graspext.init import INITS, apply_init_, masked_layers
 from graspext.masks import Masks
 from graspext.nn.convert import (
@@ -164,6 +172,14 @@ class Trainer:
                 raise TypeError(f"{name} must be an iterable of (inputs, targets) batches, such as a DataLoader, "
                                 f"got {type(loader).__name__}")
         self.train_loader, self.test_loader = train_loader, test_loader
+        # Under torch.distributed: this rank's share of every global batch (graspext.distributed.sampler).
+        self.distributed = Distributed()
+        d = self.distributed
+        self._train_batches = shard_loader(train_loader, d.rank, d.world_size, train=True) if d.active else train_loader
+        self._test_batches = shard_loader(test_loader, d.rank, d.world_size, train=False) if d.active else test_loader
+        if masks is not None:
+            # Every rank must train the same sparse network: a mismatch is an error now, never a silent divergence.
+            d.check_identical(dict(masks), "masks at the start of training")
         device = self.config.device or next(model.parameters()).device
         self.device = torch.device(device)
         if self.config.amp == "fp16" and self.device.type != "cuda":
@@ -206,7 +222,9 @@ class Trainer:
         self.mask_handle = None
         self.sparse_layers: dict[str, SparseConv2d | SparseLinear] = {}
         self.global_step = 0
-        self.steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
+        # The module the training forward runs through: the model, or DDP around it while fit() runs.
+        self.forward_model: nn.Module = model
+        self.steps_per_epoch = len(self._train_batches) if hasattr(self._train_batches, "__len__") else None
         self.total_steps = self.steps_per_epoch * self.config.epochs if self.steps_per_epoch is not None else None
 
     @property
@@ -256,8 +274,10 @@ class Trainer:
                  "best_test_acc": best, "config": asdict(self.config),
                  "masks": {n: m.cpu() for n, m in self.masks.items()} if self.masks is not None else None,
                  "sparse_kernels": self.uses_sparse_kernels, "train_batch_size": self._train_batch_size(),
-                 "global_step": self.global_step, "callbacks": [cb.state_dict() for cb in self.callbacks]}
-        atomic_write(self._checkpoint_path(), lambda f: torch.save(state, f))
+                 "global_step": self.global_step, "callbacks": [cb.state_dict() for cb in self.callbacks],
+                 "world_size": self.distributed.world_size}
+        if self.distributed.is_main:
+            atomic_write(self._checkpoint_path(), lambda f: torch.save(state, f))
 
     def _load(self, optimizer, scheduler, scaler):
         path = self._checkpoint_path()
@@ -268,6 +288,12 @@ class Trainer:
                              "resume=False to start over") from exc
         if not isinstance(state, dict) or state.get("format") != "graspext.train":
             raise ValueError(f"checkpoint {path!r} is not a graspext training checkpoint")
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.distributed.world_size:
+            # Each rank's share of the global batch, and so every step after the resume, depends on the world size.
+            raise ValueError(f"checkpoint {path!r} was written by a run of {saved_world} process(es); this run has "
+                             f"{self.distributed.world_size}: resume it with the same number (--nproc "
+                             f"{saved_world}), or use another out_dir")
         saved_masks = state["masks"]
         if (saved_masks is None) != (self.masks is None) or (
                 saved_masks is not None and (set(saved_masks) != set(self.masks) or any(
@@ -309,14 +335,16 @@ class Trainer:
         return state["epoch"] + 1, state["history"], state["best_test_acc"]
 
     def _write_results(self, history) -> None:
+        if not self.distributed.is_main:
+            return
         out = self.config.out_dir
         write_text(os.path.join(out, RESULTS_JSONL), "".join(json.dumps(r) + "\n" for r in history))
         write_text(os.path.join(out, RESULTS_CSV), csv_text(history))
 
     # ------------------------------------------------------------------ loops
-    def _forward(self, x):
+    def _forward(self, x, train: bool):
         try:
-            return self.model(x)
+            return (self.forward_model if train else self.model)(x)
         except RuntimeError as exc:
             if self.uses_sparse_kernels and "view size is not compatible" in str(exc):
                 raise RuntimeError(
@@ -332,12 +360,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype, enabled=bool(amp))
 
     def _run_epoch(self, epoch, optimizer, scaler, train: bool):
-        loader = self.train_loader if train else self.test_loader
+        loader = self._train_batches if train else self._test_batches
         self.model.train(train)
         total_loss, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
         bar = None
-        if self.config.progress:
+        if self.config.progress and self.distributed.is_main:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(loader) if hasattr(loader, "__len__") else None, leave=False,
                        desc=f"epoch {epoch + 1}/{self.config.epochs} {'train' if train else 'test'}")
@@ -348,10 +376,11 @@ class Trainer:
                     for cb in self.callbacks:
                         cb.on_train_batch_start(self, x, y)
                 with self._autocast():
-                    out = self._forward(x)
-                if seen == 0:  # the first batch of each epoch: a clear error instead of one from inside torch
+                    out = self._forward(x, train)
+                if seen == 0 and len(y):  # the first batch of each epoch: a clear error instead of one from inside torch
                     check_logits(out, y)
-                loss = F.cross_entropy(out.float(), y)
+                # float16/bfloat16 logits (autocast) in float32; float64 stays float64
+                loss = F.cross_entropy(out.float() if out.dtype in (torch.float16, torch.bfloat16) else out, y)
                 if train:
                     optimizer.zero_grad(set_to_none=True)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -375,8 +404,11 @@ class Trainer:
                                     img_s=f"{seen / (time.perf_counter() - start):.0f}")
         if bar is not None:
             bar.close()
+        total_loss, correct, seen = self.distributed.sum_numbers(total_loss, correct, seen)
         if seen == 0:
             raise ValueError(f"{'train' if train else 'test'}_loader yielded no samples")
+        if train:  # one model again before evaluation and the checkpoint
+            self.distributed.average_buffers_(self.model)
         return total_loss / seen, correct / seen, seen / (time.perf_counter() - start)
 
     def fit(self) -> TrainResult:
@@ -400,9 +432,11 @@ class Trainer:
         elif self.masks is not None:
             handle = self.mask_handle = self.masks.apply_(self.model)
         try:
+            self.forward_model = self.distributed.wrap(self.model, self.device)
             history, best = self._fit()
             final_masks = self.current_masks()
         finally:
+            self.forward_model = self.model  # DDP's reducer goes with its wrapper
             if handle is not None:
                 handle.remove()
             if sparse:
@@ -414,7 +448,7 @@ class Trainer:
             cb.on_fit_end(self, summary)
         result = TrainResult(best_test_acc=best, final_test_acc=history[-1]["test_acc"], history=history,
                              masks=final_masks, summary=summary)
-        if c.out_dir:
+        if c.out_dir and self.distributed.is_main:
             if final_masks is not None and any(not torch.equal(final_masks[n].cpu(), self.masks[n].cpu())
                                                for n in self.masks):
                 final_masks.save(os.path.join(c.out_dir, FINAL_MASKS))
@@ -432,21 +466,24 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
         start_epoch, history, best = 0, [], -math.inf
+        main = self.distributed.is_main
         if c.out_dir:
             os.makedirs(c.out_dir, exist_ok=True)
-            if c.resume and os.path.exists(self._checkpoint_path()):
+            # Rank 0 decides, so that every rank resumes or starts over together.
+            resume = self.distributed.broadcast_object(c.resume and os.path.exists(self._checkpoint_path()))
+            if resume:
                 start_epoch, history, best = self._load(optimizer, scheduler, scaler)
-            elif os.path.exists(os.path.join(c.out_dir, SUMMARY)):
+            elif main and os.path.exists(os.path.join(c.out_dir, SUMMARY)):
                 os.unlink(os.path.join(c.out_dir, SUMMARY))  # a fresh run must not look finished early
-            if self.uses_sparse_kernels:
+            if self.uses_sparse_kernels and main:
                 write_text(os.path.join(c.out_dir, SPARSITY_REPORT), format_sparsity_report(self.model) + "\n")
         writer = None
-        if c.tensorboard and c.out_dir:
+        if c.tensorboard and c.out_dir and main:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(os.path.join(c.out_dir, "tensorboard"))
         try:
             for epoch in range(start_epoch, c.epochs):
-                _seed_epoch(c.seed, epoch, [self.train_loader, self.test_loader])
+                _seed_epoch(c.seed, epoch, [self._train_batches, self._test_batches])
                 for cb in self.callbacks:
                     cb.on_epoch_start(self, epoch)
                 lr = optimizer.param_groups[0]["lr"]
@@ -467,8 +504,9 @@ class Trainer:
                 if c.out_dir:
                     self._save(epoch, optimizer, scheduler, scaler, history, best)
                     self._write_results(history)
-                    if self.uses_sparse_kernels:  # now with the dtype each layer ran in
+                    if self.uses_sparse_kernels and main:  # now with the dtype each layer ran in
                         write_text(os.path.join(c.out_dir, SPARSITY_REPORT), format_sparsity_report(self.model) + "\n")
+                    self.distributed.barrier()  # the checkpoint is complete before any rank goes on
         finally:
             if writer is not None:
                 writer.close()

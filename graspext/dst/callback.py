@@ -161,6 +161,9 @@ class DynamicSparsityCallback(Callback):
             grad = target.dense_grad() if c.uses_gradient else None
             if grad is not None and trainer.scaler is not None:  # float16 loss scaling: the true gradient
                 grad = grad / trainer.scaler.get_scale()
+            if grad is not None:
+                # Under DDP each rank holds its shard's gradient: grow by the global batch's, as one process would.
+                grad = trainer.distributed.all_reduce_mean_(grad.contiguous())
             if c.uses_gradient:
                 grow_score = grad.abs()
             else:
@@ -177,6 +180,9 @@ class DynamicSparsityCallback(Callback):
             target.set_mask_(new_mask, trainer.optimizer, reinit, values)
             changed += int((new_mask & ~mask).sum())
             active_total += n_active
+        # Same scores and seeded draws give the same masks everywhere; verified, since a divergence would be silent.
+        trainer.distributed.check_identical({n: t.mask() for n, t in self.targets.items()},
+                                            f"masks after the {c.method} update at step {step}")
         self.schedule.done(step)
         self.updates += 1
         self.changed_fractions.append(changed / max(1, active_total))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from graspext.distributed.runtime import Distributed
 from graspext.masks import Masks
 from graspext.pruning import grasp, magnitude, snip, synflow  # noqa: F401  (registers the methods)
 from graspext.pruning import data as D
@@ -55,7 +56,18 @@ def _scoring_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _context(model, data, masks, filter_fn, exclude, keep_first_dense, keep_last_dense, method) -> ScoringContext:
+def _distributed(distributed) -> Distributed:
+    if distributed not in (None, True, False):
+        raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
+    d = Distributed(enabled=distributed is not False)
+    if distributed is True and not d.active:
+        raise ValueError("distributed=True needs a torch.distributed process group of more than one process "
+                         "(launch with torchrun, or graspext ... --nproc N)")
+    return d
+
+
+def _context(model, data, masks, filter_fn, exclude, keep_first_dense, keep_last_dense, method,
+             distributed=None) -> ScoringContext:
     if isinstance(model, nn.Module) and any(p.is_meta for p in model.parameters()):
         raise ValueError("model: its parameters are on the meta device (shapes without values); materialize it "
                          "first, e.g. model.to_empty(device='cpu') and then initialize its weights")
@@ -63,7 +75,7 @@ def _context(model, data, masks, filter_fn, exclude, keep_first_dense, keep_last
     modules = prunable_modules(model, filter_fn=filter_fn, exclude=exclude, keep_first_dense=keep_first_dense,
                                keep_last_dense=keep_last_dense)
     D.check_data(data, required=method.needs_data)
-    return ScoringContext(model=model, modules=modules, data=data, masks=masks)
+    return ScoringContext(model=model, modules=modules, data=data, masks=masks, distributed=_distributed(distributed))
 
 
 def _round_sparsity(sparsity: float, round_index: int, rounds: int, schedule: str) -> float:
@@ -92,18 +104,20 @@ def scores(
     exclude: str | Sequence[str] | None = None,
     keep_first_dense: bool = False,
     keep_last_dense: bool = False,
+    distributed: bool | None = None,
     **options: Any,
 ) -> dict[str, Tensor]:
     """Scores of one scoring round, by parameter name, for users who make their own masks.
 
     Sign convention per method: GraSP removes the largest scores, every other method the smallest.
     ``masks`` (optional) are applied to a copy of the model first. The model is never modified.
+    ``distributed`` as for :func:`prune`.
     """
     m = _make_method(method, options)
     if masks is not None:
         masks.check_fits(model)
     ctx = _context(model, data, dict(masks) if masks is not None else None, filter_fn, exclude,
-                   keep_first_dense, keep_last_dense, m)
+                   keep_first_dense, keep_last_dense, m, distributed)
     out = m.score(ctx)
     _check_scores(m, ctx.names, [mod.weight for mod in ctx.modules.values()], out)
     return dict(zip(ctx.names, (s.detach() for s in out)))
@@ -124,6 +138,7 @@ def prune(
     keep_first_dense: bool = False,
     keep_last_dense: bool = False,
     on_collapse: str = "warn",
+    distributed: bool | None = None,
     **options: Any,
 ) -> Masks:
     """Prune ``model`` at initialization; returns :class:`graspext.Masks` (True = kept). ``model`` is not modified.
@@ -138,6 +153,12 @@ def prune(
         rounds, schedule: iterative pruning (SynFlow defaults to 100 exponential rounds, others to 1).
         filter_fn, exclude, keep_first_dense, keep_last_dense: which Conv2d/Linear weights are pruned.
         on_collapse: a layer left with no weight ``"warn"`` s (default), ``"raise"`` s, or is ``"ignore"`` d.
+        distributed: inside a torch.distributed group of N > 1 processes (``None``, the default, or ``True``),
+            GraSP and SNIP score data-parallel: every rank builds the same scoring set from its ``data``, takes
+            its share (GraSP: whole chunks, round-robin; SNIP: a slice of the batch) and the gradient sums (g,
+            Hg) are all-reduced. SynFlow, magnitude and random need no data and compute the same on every rank.
+            The masks are then checked identical on every rank (an error otherwise). ``False`` scores
+            everything on each rank alone.
         **options: the method's own options (e.g. GraSP's ``temperature``, ``num_chunks``, ``engine``).
     """
     sparsity = check_sparsity(sparsity)
@@ -152,7 +173,7 @@ def prune(
         rounds = m.default_rounds
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
-    ctx = _context(model, data, None, filter_fn, exclude, keep_first_dense, keep_last_dense, m)
+    ctx = _context(model, data, None, filter_fn, exclude, keep_first_dense, keep_last_dense, m, distributed)
     names = ctx.names
     params = [mod.weight for mod in ctx.modules.values()]
     sizes = [p.numel() for p in params]
@@ -184,6 +205,7 @@ def prune(
                 kept += kc
         del round_scores
 
+    ctx.distributed.check_identical(dict(zip(names, masks)), f"{m.name} masks")
     collapsed = report_collapse(names, kept, on_collapse)
     meta = {"method": m.name, "sparsity": sparsity, "scope": scope, "distribution": distribution,
             "rounds": rounds, "schedule": schedule, "options": {k: _plain(v) for k, v in options.items()},

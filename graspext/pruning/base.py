@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from graspext.distributed.runtime import Distributed
 from graspext.pruning.layers import weight_name
 
 
@@ -23,6 +24,22 @@ class ScoringContext:
     modules: dict[str, nn.Module]      # prunable modules by module name, in model order
     data: Any                          # DataLoader, (inputs, targets) pair, or None
     masks: dict[str, Tensor] | None    # current keep-masks by parameter name (later rounds), else None
+    # Data-parallel scoring: each rank takes its share of the scoring data and the sums over it (g, Hg) are
+    # all-reduced; a single process (the default) takes everything.
+    distributed: Distributed = dataclasses.field(default_factory=Distributed.single_process)
+
+    def my_share(self, items: list) -> list:
+        """This rank's items of ``items`` (round-robin), so the ranks' shares add up to the whole."""
+        return items[self.distributed.rank::self.distributed.world_size]
+
+    def sum_over_ranks_(self, tensors: list[Tensor | None], like: list[Tensor]) -> list[Tensor | None]:
+        """Each tensor summed over the ranks in place (a rank without a share contributes zeros)."""
+        if not self.distributed.active:
+            return tensors
+        out = [t if t is not None else torch.zeros_like(w) for t, w in zip(tensors, like)]
+        for t in out:
+            self.distributed.all_reduce_sum_(t)
+        return out
 
     @property
     def names(self) -> list[str]:

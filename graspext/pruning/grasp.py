@@ -120,6 +120,10 @@ class GraSP(Method):
         chunks = []
         for x, y in self._scoring_sets(ctx, work):
             chunks += D.split_chunks(*D.to_model(x, y, device, dtype), o.num_chunks)
+        # Data-parallel: whole chunks per rank (train-mode BatchNorm sees each chunk as one process would), and
+        # every sum over chunks below is all-reduced.
+        chunks = ctx.my_share(chunks)
+        self._ctx = ctx
 
         # Pass 1: g = sum over chunks of grad L_chunk (recording each chunk's activation pattern for FD).
         freeze = o.engine == "finite_difference" and o.fd_freeze_activations
@@ -131,8 +135,9 @@ class GraSP(Method):
                 loss = _loss(work, cx, cy, o.temperature)
             # Accumulating in .grad adds chunk by chunk and layer by layer, as the official grad_w += ...
             loss.backward(inputs=weights)
-        g = [w.grad for w in weights]
-        D.check_used(ctx.names, g)
+        if chunks:  # (a rank without a share has no gradient of its own to check)
+            D.check_used(ctx.names, [w.grad for w in weights])
+        g = ctx.sum_over_ranks_([w.grad for w in weights], weights)
         for w in weights:
             w.grad = None
         if o.engine == "exact":
@@ -150,12 +155,11 @@ class GraSP(Method):
             del grads  # nothing in z's graph holds them: they are freed here
             z.backward(inputs=weights)  # accumulates H_chunk g into .grad, as the official z.backward()
         del g
-        # S = -theta ⊙ Hg, written over Hg's storage: (-theta) * Hg == -(theta * Hg) exactly in IEEE.
-        scores = []
+        hg = self._ctx.sum_over_ranks_([w.grad for w in weights], weights)
         for w in weights:
-            s, w.grad = w.grad, None
-            scores.append(s.mul_(w.detach()).neg_())
-        return scores
+            w.grad = None
+        # S = -theta ⊙ Hg, written over Hg's storage: (-theta) * Hg == -(theta * Hg) exactly in IEEE.
+        return [s.mul_(w.detach()).neg_() for s, w in zip(hg, weights)]
 
     def _forward_over_reverse(self, work, weights, chunks, g) -> list[Tensor]:
         # Forward-mode AD over the ordinary backward: the weights enter as dual numbers (theta, g), so every
@@ -176,7 +180,7 @@ class GraSP(Method):
                 del out, duals, grads
                 ops.score_accumulate_(scores, theta, hg, 1.0, "neg_product")
                 del hg
-        return scores
+        return self._ctx.sum_over_ranks_(scores, weights)  # linear in Hg: the ranks' partial scores add up
 
     @torch.no_grad()
     def _finite_difference(self, work, module_names, weights, chunks, g, patterns) -> list[Tensor]:
@@ -194,13 +198,15 @@ class GraSP(Method):
         perturbed = [replace_weight(work, n, t + eps * gi) for n, t, gi in zip(module_names, theta, g)]
         # g's own storage becomes the accumulator: .grad starts at -g and autograd adds each chunk's gradient
         # in place (it does so only while .grad is the sole reference, hence the clear()).
+        lead = self._ctx.distributed.is_main  # -g enters the all-reduced sum once
         for p, gi in zip(perturbed, g):
-            p.grad = gi.neg_()
+            p.grad = gi.neg_() if lead else torch.zeros_like(gi)
         g.clear()
         for c, (cx, cy) in enumerate(chunks):
             with torch.enable_grad(), (patterns[c].replaying() if patterns else contextlib.nullcontext()):
                 _loss(work, cx, cy, self.options.temperature).backward(inputs=perturbed)
-        diff = [p.grad for p in perturbed]  # sum over chunks of grad L_chunk(theta + eps g), minus g
+        # sum over chunks of grad L_chunk(theta + eps g), minus g
+        diff = self._ctx.sum_over_ranks_([p.grad for p in perturbed], theta)
         for p, n, t in zip(perturbed, module_names, theta):
             p.grad = None
             replace_weight(work, n, t)  # frees the perturbed copy

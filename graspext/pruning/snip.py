@@ -58,10 +58,21 @@ class SNIP(Method):
         else:
             x, y = D.first_batch(ctx.data)
         x, y = D.to_model(x, y, device, dtype)
+        # Data-parallel: each rank takes a contiguous share of the batch; its summed loss over the whole batch's
+        # size adds up, over the ranks, to the batch's mean loss. (With train-mode BatchNorm each share is
+        # normalised by its own statistics, as under DDP: set train_mode=False for the single-process scores.)
+        n, d = x.shape[0], ctx.distributed
+        if d.active:
+            if n < d.world_size:
+                raise ValueError(f"data: {n} scoring samples cannot be shared by {d.world_size} processes")
+            lo, hi = d.rank * n // d.world_size, (d.rank + 1) * n // d.world_size
+            x, y = x[lo:hi], y[lo:hi]
         out = work(x)
         D.check_logits(out, y)
-        grads = torch.autograd.grad(F.cross_entropy(out, y), weights, allow_unused=True)
+        loss = F.cross_entropy(out, y, reduction="sum") / n if d.active else F.cross_entropy(out, y)
+        grads = list(torch.autograd.grad(loss, weights, allow_unused=True))
         D.check_used(ctx.names, grads)
+        grads = ctx.sum_over_ranks_(grads, weights)
         scores = zeros_like_scores(weights)
         ops.score_accumulate_(scores, [w.detach() for w in weights], list(grads), 1.0, "abs_product")
         return scores

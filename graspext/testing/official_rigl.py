@@ -104,7 +104,7 @@ def masked_dense_rigl(model: nn.Module, masks: dict[str, Tensor], epochs_of_batc
         model.train()
         for x, y in batches:
             model.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(model(x), y)  # float64 logits stay float64, as in the trainer
             loss.backward()  # the weights are exactly zero off the masks: these are the masked-weight gradients
             if is_mask_update_iter_official(step, last_update, 0, end_step, frequency):
                 fraction = cosine_drop_fraction_official(step, drop_fraction, 0, end_step)
