@@ -15,6 +15,8 @@
 #   profile     torch.profiler tables of GraSP scoring on VGG19-CIFAR (benchmarks/profile_grasp_cuda.py)
 #   profile-sparse  per-kernel times of sparse layers against cuDNN (benchmarks/profile_sparse_cuda.py)
 #   backtrace   the C++/CUDA backtrace of one crashing test under cuda-gdb (BACKTRACE_TEST=node id)
+#   distributed the DDP train step on every visible GPU with NCCL, dense against sparse, and the bytes per step
+#               (benchmarks/distributed_step.py; needs 2 or more GPUs)
 # BENCH_K="expr" narrows the benchmarks (pytest -k); STAGE_TIMEOUT (seconds, default 540) bounds each stage.
 # Logs accumulate in LOGS (default /tmp/graspext-gpu-logs) across calls in one session of the machine.
 set -uo pipefail
@@ -91,6 +93,15 @@ except RuntimeError as e:
     profile-sparse)
       (cd benchmarks && timeout "$stage_timeout" python profile_sparse_cuda.py) > "$logs/profile_sparse.log" 2>&1
       grep -A8 "^#####" "$logs/profile_sparse.log" | cut -c1-180
+      ;;
+    distributed)
+      gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+      if [[ $gpus -lt 2 ]]; then echo "distributed: $gpus GPU(s) visible, NCCL data parallelism needs 2 or more"
+      else
+        timeout "$stage_timeout" python -m torch.distributed.run --standalone --nproc-per-node "$gpus" \
+          benchmarks/distributed_step.py --device cuda --batch 256 --json "$logs/distributed.json" 2>&1 \
+          | tee "$logs/distributed.log" | grep -v Warning | tail -12
+      fi
       ;;
     scoring) bench gpu_scoring ;;
     sparse) bench gpu_sparse ;;

@@ -41,7 +41,10 @@ def model(name: str) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=None)
 def grasp_masks(name: str, sparsity: float, scope: str = "global") -> gx.Masks:
-    return gx.prune(model(name), "grasp", sparsity, _scoring_data(), engine="finite_difference", scope=scope)
+    # Every rank of a distributed benchmark scores alone (cached per process: a shared scoring would be a
+    # collective that a rank with the masks cached never joins).
+    return gx.prune(model(name), "grasp", sparsity, _scoring_data(), engine="finite_difference", scope=scope,
+                    distributed=False)
 
 
 @functools.lru_cache(maxsize=None)

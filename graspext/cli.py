@@ -86,6 +86,7 @@ def _train(args) -> int:
                     resume=not args.restart, progress=not args.no_progress, kernels=args.kernels,
                     init=args.init, amp=args.amp or False)
     gx.TrainConfig(**settings)  # every setting checked before the data is loaded
+    callbacks = _comm_callbacks(args)
     if args.init and not args.masks:
         raise ValueError(f"--init {args.init} needs --masks: it scales each weight by its unit's kept connections")
     model, train_set = _seeded_model_and_data(args)
@@ -97,7 +98,7 @@ def _train(args) -> int:
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                                                generator=torch.Generator(), num_workers=args.workers)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=256, num_workers=args.workers)
-    result = gx.train(model, train_loader, test_loader, masks=masks, **settings)
+    result = gx.train(model, train_loader, test_loader, masks=masks, callbacks=callbacks, **settings)
     kind = f"{masks.sparsity():.1%} sparse" if masks is not None else "dense"
     print(f"{args.model} ({kind}) on the {args.data} data, {args.epochs} epochs: "
           f"best test accuracy {result.best_test_acc:.4f}, final {result.final_test_acc:.4f}")
@@ -135,9 +136,10 @@ def _run(args) -> int:
 
     cfg = _config_from_args(args)
     _check_out(args.out or os.path.join("runs", cfg.name), "folder")
+    callbacks = _comm_callbacks(args)
     summary = run_experiment(cfg, out_dir=args.out or os.path.join("runs", cfg.name), data_root=args.data_root,
                              download=args.download, workers=args.workers, progress=not args.no_progress,
-                             log=print)
+                             log=print, callbacks=callbacks)
     if "best_test_acc" in summary:
         print(f"{cfg.name}: best test accuracy {summary['best_test_acc']:.4f}, final "
               f"{summary['final_test_acc']:.4f} ({summary['sparsity']:.1%} sparse); results in {summary['out_dir']}")
@@ -210,10 +212,29 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="CIFAR only: download into --data-root first")
 
 
-def _add_nproc_option(p: argparse.ArgumentParser) -> None:
+def _add_nproc_option(p: argparse.ArgumentParser, comm: bool = False) -> None:
     p.add_argument("--nproc", type=int, default=None,
                    help="data-parallel processes on this machine (torchrun, DDP: gloo on the CPU, NCCL on CUDA); "
                         "the batch size stays the global batch")
+    if comm:
+        p.add_argument("--comm", choices=["allreduce", "topk", "topk-sign"], default=None,
+                       help="with --nproc: how gradients are communicated, counting the bytes per step (allreduce: "
+                            "DDP's own; topk: the --topk-ratio largest entries per parameter with error feedback; "
+                            "topk-sign: their signs, scaled)")
+        p.add_argument("--topk-ratio", type=float, default=0.01, help="with --comm topk[-sign]: fraction sent")
+
+
+def _comm_callbacks(args) -> list:
+    """The communication callback --comm asks for (none without it)."""
+    if getattr(args, "comm", None) is None:
+        return []
+    from graspext.distributed import CommunicationMeter, Distributed, TopKCompression
+
+    if not Distributed().active:
+        raise ValueError(f"--comm {args.comm} needs data-parallel processes: add --nproc 2 (or more)")
+    if args.comm == "allreduce":
+        return [CommunicationMeter()]
+    return [TopKCompression(args.topk_ratio, sign=args.comm == "topk-sign")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", choices=INITS, default=None,
                    help="with --masks: sparse-aware init before training (unit_scaled: He on each unit's kept "
                         "fan-in, Evci et al. 2022; layer_scaled: dense init / sqrt(layer density))")
-    _add_nproc_option(t)
+    _add_nproc_option(t, comm=True)
     _add_data_options(t)
     t.set_defaults(run=_train)
 
@@ -272,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default runs/<name>); rerunning resumes from it")
     r.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_nproc_option(r)
+    _add_nproc_option(r, comm=True)
     _add_data_options(r)
     r.set_defaults(run=_run)
 
@@ -350,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
 
         distributed = init_from_env()
         if distributed and int(os.environ.get("RANK", "0")) != 0:
-            sys.stdout = open(os.devnull, "w")  # one report, from rank 0 (errors still reach stderr)
+            # One report, from rank 0 (errors still reach stderr); open for the life of the process.
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         return args.run(args)
     except (ValueError, TypeError, OSError) as exc:  # user mistakes: one line, never a traceback

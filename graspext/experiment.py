@@ -61,9 +61,10 @@ def check_run_folder(cfg: ExperimentConfig, out_dir: str) -> None:
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str, *, data_root: str | None = None, download: bool = False,
-                   workers: int = 0, progress: bool = True, log: Callable[[str], Any] = lambda _: None
-                   ) -> dict[str, Any]:
-    """Prunes (or reuses ``out_dir/masks.pt``), trains when ``cfg.train`` is set, returns the summary."""
+                   workers: int = 0, progress: bool = True, log: Callable[[str], Any] = lambda _: None,
+                   callbacks: Sequence = ()) -> dict[str, Any]:
+    """Prunes (or reuses ``out_dir/masks.pt``), trains when ``cfg.train`` is set (with the trainer
+    ``callbacks``), returns the summary."""
     import graspext as gx
     from graspext import data
     from graspext.models import create
@@ -106,12 +107,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str, *, data_root: str | None
         from graspext.dst import from_dict
 
         dst = from_dict({"seed": cfg.seed, **cfg.dst})
-    result = gx.train(model, loader, test_loader, masks=masks, dst=dst,
+    result = gx.train(model, loader, test_loader, masks=masks, dst=dst, callbacks=callbacks,
                       **{"seed": cfg.seed, **cfg.train, "out_dir": out_dir, "progress": progress})
     summary.update(best_test_acc=result.best_test_acc, final_test_acc=result.final_test_acc)
     if dst is not None:
         summary.update(dst=dst.method, mask_updates=result.summary["mask_updates"],
                        mean_changed_fraction=result.summary["mean_changed_fraction"])
+    if "comm_bytes_per_step" in result.summary:
+        summary["comm_bytes_per_step"] = result.summary["comm_bytes_per_step"]
     return summary
 
 

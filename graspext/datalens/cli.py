@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-RUN_CONFIG = "config.json"
+RESULTS = "results.json"  # written with every checkpoint; its "config" is the run's public config
 SAMPLES = "samples.pt"
 
 
@@ -19,25 +19,22 @@ def _load_run(folder: str, args):
     from graspext.datalens.config import DataLensConfig
     from graspext.datalens.trainer import load_trained
 
-    path = os.path.join(folder, RUN_CONFIG)
+    path = os.path.join(folder, RESULTS)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {RUN_CONFIG} in {folder}: not a folder written by `graspext datalens train`")
+        raise FileNotFoundError(f"no {RESULTS} in {folder}: not a folder written by `graspext datalens train` "
+                                "(or one killed before its first checkpoint)")
     with open(path) as f:
-        config = DataLensConfig(**json.load(f))
+        config = DataLensConfig(**json.load(f)["config"])
     return load_trained(folder, config, data_root=args.data_root, download=args.download, device=args.device)
 
 
 def _train(args) -> int:
-    from graspext import _io
     from graspext.datalens.config import load_datalens_config
     from graspext.datalens.trainer import DataLens
 
     config = load_datalens_config(args.config)
     out = args.out or os.path.join("runs", config.name)
     os.makedirs(out, exist_ok=True)
-    public = config.to_dict()
-    public.pop("noise_seed")  # the secret one lives in the checkpoint only
-    _io.write_text(os.path.join(out, RUN_CONFIG), json.dumps(public, indent=2) + "\n")
     run = DataLens(config, out, data_root=args.data_root, download=args.download, device=args.device,
                    progress=not args.no_progress, resume=not args.restart)
     result = run.fit()

@@ -17,27 +17,15 @@ Every field of :class:`DataLensConfig` may appear at the top level; defaults are
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from graspext._validation import integer, positive
 from graspext.config import CONFIG_DIR, read_config_file, shipped_or_file
 
 DATALENS_CONFIG_DIR = CONFIG_DIR / "datalens"
 DATASETS = ("digits", "mnist", "fashion_mnist")
-
-
-def _int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -50,11 +38,11 @@ class EvaluationConfig:
     seed: int = 0
 
     def __post_init__(self):
-        self.samples = _int(self.samples, "evaluate.samples", 1)
-        self.epochs = _int(self.epochs, "evaluate.epochs", 1)
-        self.lr = _positive(self.lr, "evaluate.lr")
-        self.batch_size = _int(self.batch_size, "evaluate.batch_size", 1)
-        self.seed = _int(self.seed, "evaluate.seed", 0)
+        self.samples = integer(self.samples, "evaluate.samples", 1)
+        self.epochs = integer(self.epochs, "evaluate.epochs", 1)
+        self.lr = positive(self.lr, "evaluate.lr")
+        self.batch_size = integer(self.batch_size, "evaluate.batch_size", 1)
+        self.seed = integer(self.seed, "evaluate.seed", 0)
 
 
 @dataclass
@@ -97,37 +85,37 @@ class DataLensConfig:
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         native = 8 if self.dataset == "digits" else 28
-        self.image_size = native if self.image_size is None else _int(self.image_size, "image_size", 4)
+        self.image_size = native if self.image_size is None else integer(self.image_size, "image_size", 4)
         if self.image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4 (two stride-2 stages), got {self.image_size}")
         if self.dataset != "digits" and self.image_size != 28:
             raise ValueError(f"image_size: {self.dataset} images are 28x28, got {self.image_size}")
-        self.teachers = _int(self.teachers, "teachers", 1)
-        self.k = _int(self.k, "k", 1)
+        self.teachers = integer(self.teachers, "teachers", 1)
+        self.k = integer(self.k, "k", 1)
         d = self.image_size ** 2
         if self.k > d:
             raise ValueError(f"k must be in [1, {d}] (the pixels of a {self.image_size}x{self.image_size} image), "
                              f"got {self.k}")
-        self.sigma = _positive(self.sigma, "sigma")
+        self.sigma = positive(self.sigma, "sigma")
         if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real) or not 0 <= self.beta < 1:
             raise ValueError(f"beta must be in [0, 1) (a fraction of the teachers), got {self.beta!r}")
         self.beta = float(self.beta)
-        self.max_grad = _positive(self.max_grad, "max_grad")
-        self.max_eps = _positive(self.max_eps, "max_eps")
+        self.max_grad = positive(self.max_grad, "max_grad")
+        self.max_eps = positive(self.max_eps, "max_eps")
         if isinstance(self.delta, bool) or not isinstance(self.delta, numbers.Real) or not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta!r}")
         self.delta = float(self.delta)
         for name in ("z_dim", "gf", "gfc", "df", "dfc", "batch_size", "d_steps", "max_epochs", "checkpoint_every"):
-            setattr(self, name, _int(getattr(self, name), name, 1))
-        self.pretrain_d_steps = _int(self.pretrain_d_steps, "pretrain_d_steps", 0)
-        self.lr = _positive(self.lr, "lr")
+            setattr(self, name, integer(getattr(self, name), name, 1))
+        self.pretrain_d_steps = integer(self.pretrain_d_steps, "pretrain_d_steps", 0)
+        self.lr = positive(self.lr, "lr")
         if isinstance(self.beta1, bool) or not isinstance(self.beta1, numbers.Real) or not 0 <= self.beta1 < 1:
             raise ValueError(f"beta1 must be in [0, 1), got {self.beta1!r}")
         self.beta1 = float(self.beta1)
-        self.vote_step = self.lr if self.vote_step is None else _positive(self.vote_step, "vote_step")
-        self.seed = _int(self.seed, "seed", 0)
+        self.vote_step = self.lr if self.vote_step is None else positive(self.vote_step, "vote_step")
+        self.seed = integer(self.seed, "seed", 0)
         if self.noise_seed is not None:
-            self.noise_seed = _int(self.noise_seed, "noise_seed", 0)
+            self.noise_seed = integer(self.noise_seed, "noise_seed", 0)
             if self.noise_seed >= 2**63:
                 raise ValueError(f"noise_seed must be below 2**63, got {self.noise_seed}")
         if isinstance(self.evaluate, dict):

@@ -14,6 +14,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+from graspext._validation import integer, positive
+
 # The orders Opacus's accountants use by default, extended far up: with σ in the thousands the best order for a
 # few thousand queries is large.
 DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -21,21 +23,13 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] 
 DEFAULT_DELTA = 1e-5
 
 
-def _positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 class TopAggAccountant:
     """Counts TopAgg queries and reports the (ε, δ) they spent. ``sigma``: the noise's standard deviation;
     ``k``: the votes' non-zeros; ``delta`` in (0, 1)."""
 
     def __init__(self, sigma: float, k: int, delta: float = DEFAULT_DELTA, orders: Sequence[float] = DEFAULT_ORDERS):
-        self.sigma = _positive(sigma, "sigma")
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"k must be an int >= 1 (the votes' non-zeros), got {k!r}")
-        self.k = int(k)
+        self.sigma = positive(sigma, "sigma")
+        self.k = integer(k, "k", 1)
         if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta!r}")
         self.delta = float(delta)
@@ -53,9 +47,7 @@ class TopAggAccountant:
         return self.sigma / self.sensitivity
 
     def step(self, queries: int = 1) -> None:
-        if isinstance(queries, bool) or not isinstance(queries, numbers.Integral) or queries < 0:
-            raise ValueError(f"queries must be an int >= 0, got {queries!r}")
-        self.queries += int(queries)
+        self.queries += integer(queries, "queries", 0)
 
     def epsilon(self, queries: int | None = None) -> float:
         """ε at ``delta`` after ``queries`` queries (default: those counted so far); 0 before any."""
@@ -70,7 +62,7 @@ class TopAggAccountant:
 
     def queries_within(self, max_eps: float) -> int:
         """The most queries whose ε stays at or below ``max_eps`` (ε grows with the count: bisection)."""
-        max_eps = _positive(max_eps, "max_eps")
+        max_eps = positive(max_eps, "max_eps")
         lo, hi = 0, 1
         while self.epsilon(hi) <= max_eps:
             lo, hi = hi, hi * 2

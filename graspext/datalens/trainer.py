@@ -122,6 +122,7 @@ class DataLens:
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=c.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.teachers.parameters(), lr=c.lr, betas=betas)
         self.accountant = TopAggAccountant(c.sigma, c.k, c.delta)
+        self._budget_steps: int | None = None  # budget_steps(), computed on first use
         self.noise_seed = c.noise_seed if c.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -242,8 +243,10 @@ class DataLens:
 
     # ------------------------------------------------------------------ the loop
     def budget_steps(self) -> int:
-        """How many generator steps the privacy budget allows in all."""
-        return self.accountant.queries_within(self.config.max_eps) // self.batch_size
+        """How many generator steps the privacy budget allows in all (a bisection over the accountant, once)."""
+        if self._budget_steps is None:
+            self._budget_steps = self.accountant.queries_within(self.config.max_eps) // self.batch_size
+        return self._budget_steps
 
     def fit(self) -> DataLensResult:
         c = self.config

@@ -12,5 +12,5 @@ from graspext.distributed.launch import launch
 from graspext.distributed.runtime import Distributed, RankMismatchError, init_from_env
 from graspext.distributed.sampler import ShardedSampler, shard_loader
 
-__all__ = ["Distributed", "RankMismatchError", "init_from_env", "ShardedSampler", "shard_loader",
-           "CommunicationMeter", "TopKCompression", "top_k_indices", "launch"]
+__all__ = ["CommunicationMeter", "Distributed", "RankMismatchError", "ShardedSampler", "TopKCompression",
+           "init_from_env", "launch", "shard_loader", "top_k_indices"]

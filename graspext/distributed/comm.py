@@ -14,7 +14,7 @@ quantisation error goes to the residual too. Every rank adds all ranks' sparse c
 world size, the average the plain all-reduce computes.
 
 Selection runs per parameter (not per bucket), so the result does not depend on how DDP lays out or rebuilds
-its buckets, and the residuals (saved in the checkpoint, by parameter name) resume bit for bit.
+its buckets, and the residuals (every rank's, saved in the checkpoint by parameter name) resume bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from graspext._validation import boolean, positive
 from graspext.callbacks import Callback
 
 
@@ -40,15 +41,18 @@ class _HookCallback(Callback):
         self._bytes_at_epoch_start = 0
 
     def on_fit_start(self, trainer) -> None:
+        self.register(trainer.forward_model, trainer.distributed.group)
+
+    def register(self, ddp_model, group=None) -> None:
+        """Installs the hook on a DistributedDataParallel model (the trainer does this at the start of fit)."""
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = trainer.forward_model
-        if not isinstance(ddp, DistributedDataParallel):
+        if not isinstance(ddp_model, DistributedDataParallel):
             raise ValueError(f"{type(self).__name__} is a DDP communication hook: it needs a torch.distributed "
                              "process group of more than one process (launch with torchrun or --nproc)")
-        self.group = trainer.distributed.group
-        self._names = {id(p): n for n, p in trainer.model.named_parameters()}
-        ddp.register_comm_hook(self, type(self)._hook)
+        self.group = group
+        self._names = {id(p): n for n, p in ddp_model.module.named_parameters()}
+        ddp_model.register_comm_hook(self, type(self)._hook)
 
     def on_epoch_start(self, trainer, epoch: int) -> None:
         self._steps_at_epoch_start, self._bytes_at_epoch_start = trainer.global_step, self.bytes_total
@@ -100,11 +104,9 @@ class TopKCompression(_HookCallback):
 
     def __init__(self, ratio: float = 0.01, *, sign: bool = False):
         super().__init__()
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        if positive(ratio, "ratio") > 1:
             raise ValueError(f"ratio must be a fraction in (0, 1], got {ratio!r}")
-        if not isinstance(sign, bool):
-            raise TypeError(f"sign must be True or False, got {sign!r}")
-        self.ratio, self.sign = float(ratio), sign
+        self.ratio, self.sign = float(ratio), boolean(sign, "sign")
         self.residuals: dict[str, Tensor] = {}
 
     def _encode(self, bucket) -> tuple[Tensor, list[int]]:
@@ -171,12 +173,19 @@ class TopKCompression(_HookCallback):
         return work.get_future().then(combine)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "ratio": self.ratio, "sign": self.sign,
-                "residuals": {n: r.cpu() for n, r in self.residuals.items()}}
+        # The residuals are each rank's own: every rank's go into the checkpoint (rank 0 writes it), gathered
+        # here, where every rank builds the checkpoint's state.
+        mine = {n: r.cpu() for n, r in self.residuals.items()}
+        by_rank = [mine]
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            by_rank = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(by_rank, mine, group=self.group)
+        return {**super().state_dict(), "ratio": self.ratio, "sign": self.sign, "residuals_by_rank": by_rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["ratio"], state["sign"]) != (self.ratio, self.sign):
             raise ValueError(f"the checkpoint's top-k compression ran with ratio={state['ratio']}, "
                              f"sign={state['sign']}; this run has ratio={self.ratio}, sign={self.sign}")
         super().load_state_dict(state)
-        self.residuals = dict(state["residuals"])
+        rank = dist.get_rank(self.group) if dist.is_initialized() else 0
+        self.residuals = dict(state["residuals_by_rank"][rank])

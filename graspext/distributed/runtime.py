@@ -127,8 +127,8 @@ class Distributed:
             if set(theirs) != set(mine):
                 raise RankMismatchError(f"{what}: rank {rank} holds {sorted(theirs)}, rank {self.rank} holds "
                                         f"{sorted(mine)}")
-            for name in mine:
-                if theirs[name] != mine[name]:
+            for name, digest in mine.items():
+                if theirs[name] != digest:
                     raise RankMismatchError(
                         f"{what}: {name!r} differs between rank {rank} and rank {self.rank}; every process must "
                         "hold the same masks (prune with the same seed and data on every rank, or prune on one rank "

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from graspext._validation import boolean, integer, positive
 from graspext.distributed.runtime import Distributed
 from graspext.pruning.layers import weight_name
 
@@ -67,22 +68,17 @@ class Method:
 
 
 def check_int(value, name: str, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if not (value is None and allow_none):
+        integer(value, name, minimum)
 
 
 def check_bool(value, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+    boolean(value, name)
 
 
 def check_positive(value, name: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not (value is None and allow_none):
+        positive(value, name)
 
 
 def seeded_generator(seed: int | None) -> torch.Generator | None:

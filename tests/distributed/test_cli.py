@@ -16,7 +16,7 @@ from graspext.experiment import run_experiment
 
 def _graspext(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "graspext.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 @pytest.mark.slow
@@ -49,3 +49,8 @@ def test_global_batch_not_divisible_by_the_processes(tmp_path):
 def test_nproc_must_be_positive(capsys):
     assert main(["train", "--nproc", "0"]) == 2
     assert "--nproc must be >= 1" in capsys.readouterr().err
+
+
+def test_comm_needs_processes(capsys):
+    assert main(["train", "--comm", "topk", "--epochs", "1"]) == 2
+    assert "--comm topk needs data-parallel processes: add --nproc 2" in capsys.readouterr().err

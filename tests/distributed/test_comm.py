@@ -56,6 +56,16 @@ def test_topk_hook_matches_the_simulation(tmp_path, ratio, sign):
     assert out["summary"]["comm_bytes_per_step"] == per_step
 
 
+def test_topk_residuals_resume_bit_for_bit(tmp_path):
+    spawn(workers.topk_run, str(tmp_path / "whole"), 0.1, True, epochs=2, out_dir=str(tmp_path / "a"))
+    spawn(workers.topk_run, str(tmp_path / "killed"), 0.1, True, epochs=2, out_dir=str(tmp_path / "b"), die_epoch=1)
+    spawn(workers.topk_run, str(tmp_path / "resumed"), 0.1, True, epochs=2, out_dir=str(tmp_path / "b"))
+    whole, resumed = (torch.load(tmp_path / n, weights_only=False) for n in ("whole", "resumed"))
+    for name in whole["state"]:
+        assert torch.equal(whole["state"][name], resumed["state"][name]), name
+    assert whole["summary"]["comm_bytes_per_step"] == resumed["summary"]["comm_bytes_per_step"]
+
+
 def test_top_k_indices_uses_exact_count_selection():
     v = torch.tensor([0.5, -2.0, 1.0, -1.0, 0.1])
     # |1.0| ties |-1.0|: as graspext's pruning selection, the lower index goes first, so the higher one stays
@@ -64,8 +74,10 @@ def test_top_k_indices_uses_exact_count_selection():
 
 
 def test_bad_options_and_no_group():
-    with pytest.raises(ValueError, match=r"ratio must be a fraction in \(0, 1\]"):
+    with pytest.raises(ValueError, match="ratio must be a positive finite number"):
         TopKCompression(0)
+    with pytest.raises(ValueError, match=r"ratio must be a fraction in \(0, 1\]"):
+        TopKCompression(1.5)
     with pytest.raises(TypeError, match="sign must be True or False"):
         TopKCompression(0.1, sign=1)
     with pytest.raises(ValueError, match="needs a torch.distributed process group"):

@@ -15,8 +15,8 @@ RTOL = 1e-9
 
 def _close(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=RTOL, atol=1e-12, msg=name)
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], rtol=RTOL, atol=1e-12, msg=name)
 
 
 def _same_history(a, b) -> None:

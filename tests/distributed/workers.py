@@ -79,9 +79,9 @@ def train_run(rank, out_path, *, kernels="sparse", dst=None, out_dir=None, die_e
                     "summary": result.summary}, out_path)
 
 
-def topk_run(rank, out_path, ratio, sign):
+def topk_run(rank, out_path, ratio, sign, epochs=1, **kwargs):
     train_run(rank, out_path, kernels="dense", callback=TopKCompression(ratio, sign=sign), lr=0.1, momentum=0.0,
-              weight_decay=0.0, epochs=1, sparse=False)
+              weight_decay=0.0, epochs=epochs, sparse=False, **kwargs)
 
 
 def meter_run(rank, out_path):

@@ -139,7 +139,7 @@ def test_bad_options(make_model):
     data = class_sorted_batch()
     with pytest.raises(ValueError, match="engine must be one of"):
         gx.prune(model, "grasp", 0.9, data, engine="magic")
-    with pytest.raises(ValueError, match="temperature must be a positive number"):
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
         gx.prune(model, "grasp", 0.9, data, temperature=0)
     with pytest.raises(ValueError, match="num_chunks must be an int >= 1"):
         gx.prune(model, "grasp", 0.9, data, num_chunks=0)
