@@ -144,7 +144,8 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
                 cfg.name = f"{method}-{sparsity:g}-s{seed}"
                 run_dir = os.path.join(out_dir, cfg.name)
                 done = os.path.join(run_dir, SUMMARY)
-                if Distributed().broadcast_object(os.path.exists(done)):  # every rank skips it, or none  # (an unfinished run is checked by run_experiment)
+                # Every rank skips it, or none (an unfinished run is checked by run_experiment).
+                if Distributed().broadcast_object(os.path.exists(done)):
                     check_run_folder(cfg, run_dir)
                     try:
                         with open(done) as f:
@@ -158,8 +159,10 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
                 summary = run_experiment(cfg, run_dir, **run_kwargs)
                 rows.append({k: summary[k] for k in ("method", "seed", "best_test_acc", "final_test_acc", "out_dir")}
                             | {"sparsity": sparsity})
-    if Distributed().is_main:
+    dist = Distributed()
+    if dist.is_main:
         _write_tables(rows, out_dir)
+    dist.barrier()  # the tables exist for every rank once sweep returns
     return rows
 
 

@@ -377,7 +377,7 @@ class Trainer:
                         cb.on_train_batch_start(self, x, y)
                 with self._autocast():
                     out = self._forward(x, train)
-                if seen == 0 and len(y):  # the first batch of each epoch: a clear error instead of one from inside torch
+                if seen == 0:  # the first batch of each epoch: a clear error instead of one from inside torch
                     check_logits(out, y)
                 # float16/bfloat16 logits (autocast) in float32; float64 stays float64
                 loss = F.cross_entropy(out.float() if out.dtype in (torch.float16, torch.bfloat16) else out, y)

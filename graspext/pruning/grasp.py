@@ -123,7 +123,6 @@ class GraSP(Method):
         # Data-parallel: whole chunks per rank (train-mode BatchNorm sees each chunk as one process would), and
         # every sum over chunks below is all-reduced.
         chunks = ctx.my_share(chunks)
-        self._ctx = ctx
 
         # Pass 1: g = sum over chunks of grad L_chunk (recording each chunk's activation pattern for FD).
         freeze = o.engine == "finite_difference" and o.fd_freeze_activations
@@ -141,12 +140,12 @@ class GraSP(Method):
         for w in weights:
             w.grad = None
         if o.engine == "exact":
-            return self._exact(work, weights, chunks, g)
+            return self._exact(ctx, work, weights, chunks, g)
         if o.engine == "forward_over_reverse":
-            return self._forward_over_reverse(work, weights, chunks, g)
-        return self._finite_difference(work, list(ctx.modules), weights, chunks, g, patterns if freeze else None)
+            return self._forward_over_reverse(ctx, work, weights, chunks, g)
+        return self._finite_difference(ctx, work, list(ctx.modules), weights, chunks, g, patterns if freeze else None)
 
-    def _exact(self, work, weights, chunks, g) -> list[Tensor]:
+    def _exact(self, ctx, work, weights, chunks, g) -> list[Tensor]:
         for cx, cy in chunks:
             grads = torch.autograd.grad(_loss(work, cx, cy, self.options.temperature), weights, create_graph=True)
             z = 0
@@ -155,13 +154,13 @@ class GraSP(Method):
             del grads  # nothing in z's graph holds them: they are freed here
             z.backward(inputs=weights)  # accumulates H_chunk g into .grad, as the official z.backward()
         del g
-        hg = self._ctx.sum_over_ranks_([w.grad for w in weights], weights)
+        hg = ctx.sum_over_ranks_([w.grad for w in weights], weights)
         for w in weights:
             w.grad = None
         # S = -theta ⊙ Hg, written over Hg's storage: (-theta) * Hg == -(theta * Hg) exactly in IEEE.
         return [s.mul_(w.detach()).neg_() for s, w in zip(hg, weights)]
 
-    def _forward_over_reverse(self, work, weights, chunks, g) -> list[Tensor]:
+    def _forward_over_reverse(self, ctx, work, weights, chunks, g) -> list[Tensor]:
         # Forward-mode AD over the ordinary backward: the weights enter as dual numbers (theta, g), so every
         # activation carries its directional derivative along g and the gradient comes back as a dual whose
         # tangent is H_chunk g. No double-backward graph is kept.
@@ -180,10 +179,10 @@ class GraSP(Method):
                 del out, duals, grads
                 ops.score_accumulate_(scores, theta, hg, 1.0, "neg_product")
                 del hg
-        return self._ctx.sum_over_ranks_(scores, weights)  # linear in Hg: the ranks' partial scores add up
+        return ctx.sum_over_ranks_(scores, weights)  # linear in Hg: the ranks' partial scores add up
 
     @torch.no_grad()
-    def _finite_difference(self, work, module_names, weights, chunks, g, patterns) -> list[Tensor]:
+    def _finite_difference(self, ctx, work, module_names, weights, chunks, g, patterns) -> list[Tensor]:
         theta = [w.detach() for w in weights]  # the perturbed weights replace these, so theta stays intact
         eps = self.options.fd_epsilon
         if eps is None:
@@ -198,7 +197,7 @@ class GraSP(Method):
         perturbed = [replace_weight(work, n, t + eps * gi) for n, t, gi in zip(module_names, theta, g)]
         # g's own storage becomes the accumulator: .grad starts at -g and autograd adds each chunk's gradient
         # in place (it does so only while .grad is the sole reference, hence the clear()).
-        lead = self._ctx.distributed.is_main  # -g enters the all-reduced sum once
+        lead = ctx.distributed.is_main  # -g enters the all-reduced sum once
         for p, gi in zip(perturbed, g):
             p.grad = gi.neg_() if lead else torch.zeros_like(gi)
         g.clear()
@@ -206,7 +205,7 @@ class GraSP(Method):
             with torch.enable_grad(), (patterns[c].replaying() if patterns else contextlib.nullcontext()):
                 _loss(work, cx, cy, self.options.temperature).backward(inputs=perturbed)
         # sum over chunks of grad L_chunk(theta + eps g), minus g
-        diff = self._ctx.sum_over_ranks_([p.grad for p in perturbed], theta)
+        diff = ctx.sum_over_ranks_([p.grad for p in perturbed], theta)
         for p, n, t in zip(perturbed, module_names, theta):
             p.grad = None
             replace_weight(work, n, t)  # frees the perturbed copy
