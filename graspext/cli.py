@@ -373,15 +373,18 @@ def main(argv: list[str] | None = None) -> int:
         if distributed and int(os.environ.get("RANK", "0")) != 0:
             # One report, from rank 0 (errors still reach stderr); open for the life of the process.
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    import torch.distributed as dist
+
     try:
-        return args.run(args)
+        status = args.run(args)
+        if distributed:
+            dist.barrier()  # no rank tears the group down while a peer still talks to it
+        return status
     except (ValueError, TypeError, OSError) as exc:  # user mistakes: one line, never a traceback
         print(f"graspext {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:
         if distributed:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 

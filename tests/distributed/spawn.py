@@ -23,6 +23,9 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple, kwargs: dict)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, *args, **kwargs)
+        # Every rank done before any tears the group down: a rank that exits while a peer still talks to it
+        # aborts that peer (gloo's "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
