@@ -8,10 +8,19 @@
 # Stages, in the order given (default: all of them, in this order):
 #   build       pip install --no-build-isolation -e . (CUDA archs of the visible GPU)
 #   cuda-tests  every CUDA test case of the suite (pytest -k cuda)
-#   memcheck    the CUDA op tests under compute-sanitizer's memcheck (fewer hypothesis examples)
+#   memcheck    the CUDA op tests under compute-sanitizer's memcheck (fewer hypothesis examples); MEMCHECK_K="expr"
+#               runs a subset (pytest -k) where the whole does not fit one call
 #   all-tests   the whole suite
 #   scoring     benchmarks/test_gpu_scoring.py
-#   sparse      benchmarks/test_gpu_sparse.py
+#   sparse      benchmarks/test_gpu_sparse.py (CIFAR shapes)
+#   imagenet-masks  GraSP scoring of ResNet-50 and VGG16 at ImageNet shapes on the GPU, masks cached for the
+#               stages below (GRASPEXT_BENCH_CACHE, default under the system's temp folder)
+#   imagenet-layers / imagenet-layers-vgg  every distinct conv of ResNet-50 (batch 256) / VGG16 (batch 64) at
+#               224x224, 90/95/98 %: dense TF32 and bf16 channels_last against the sparse and compact modes,
+#               then the table of the mode chosen per layer (benchmarks/gpu_report.py)
+#   imagenet-steps / imagenet-steps-vgg  their train steps, dense against measured-sparse, eager and CUDA graph
+#   imagenet-targets  the shortest check of the targets: ResNet-50's largest-stage 3x3 layers and its train steps
+#               at 95 and 98 % (eager), against both dense configurations
 #   profile     torch.profiler tables of GraSP scoring on VGG19-CIFAR (benchmarks/profile_grasp_cuda.py)
 #   profile-sparse  per-kernel times of sparse layers against cuDNN (benchmarks/profile_sparse_cuda.py)
 #   backtrace   the C++/CUDA backtrace of one crashing test under cuda-gdb (BACKTRACE_TEST=node id)
@@ -34,10 +43,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" | tee -a "$logs/gpu.txt"
 
-bench() {  # bench NAME: one benchmark file, its table on stdout, its JSON among the logs
-  timeout "$stage_timeout" python -m pytest "benchmarks/test_$1.py" ${BENCH_K:+-k "$BENCH_K"} -p no:cacheprovider \
-    --benchmark-group-by=group --benchmark-columns=median,iqr,rounds --benchmark-json "$logs/$1.json" 2>&1 \
-    | tee "$logs/$1.log" | grep -v "^ *$" | tail -150
+bench() {  # bench FILE [NAME K]: one benchmark file (narrowed by K and BENCH_K), its JSON among the logs as NAME
+  local name=${2:-$1} k=${3:-}
+  [[ -n ${BENCH_K:-} ]] && k="${k:+($k) and }($BENCH_K)"
+  timeout "$stage_timeout" python -m pytest "benchmarks/test_$1.py" ${k:+-k "$k"} -p no:cacheprovider \
+    --benchmark-group-by=group --benchmark-columns=median,iqr,rounds --benchmark-json "$logs/$name.json" 2>&1 \
+    | tee "$logs/$name.log" | grep -v "^ *$" | tail -${BENCH_TAIL:-150}
+}
+
+imagenet() {  # imagenet NAME K: a part of test_gpu_imagenet.py, then its table of modes and ratios
+  BENCH_TAIL=8 bench gpu_imagenet "$1" "$2"
+  if [[ -s $logs/$1.json ]]; then python benchmarks/gpu_report.py "$logs/$1.json" | tee "$logs/$1.md"
+  else echo "$1: no results (timed out before the first benchmark finished?)"; fi
 }
 
 for stage in "${stages[@]}"; do
@@ -74,7 +91,8 @@ except RuntimeError as e:
       # Many launches under memcheck are slow: a few hypothesis examples per test are enough to touch every
       # code path of every kernel.
       GRASPEXT_HYPOTHESIS_EXAMPLES=5 timeout "$stage_timeout" compute-sanitizer --tool memcheck \
-        --error-exitcode 1 python -m pytest tests/ops -q -k cuda -p no:cacheprovider > "$logs/memcheck.log" 2>&1 \
+        --error-exitcode 1 python -m pytest tests/ops -q -k "${MEMCHECK_K:-cuda}" -p no:cacheprovider \
+        > "$logs/memcheck.log" 2>&1 \
         && echo "memcheck clean" || { echo "memcheck FAILED or timed out"; tail -30 "$logs/memcheck.log"; }
       ;;
     all-tests)
@@ -105,6 +123,16 @@ except RuntimeError as e:
       ;;
     scoring) bench gpu_scoring ;;
     sparse) bench gpu_sparse ;;
+    imagenet-masks)
+      timeout "$stage_timeout" python benchmarks/imagenet_workloads.py --device cuda 2>&1 \
+        | tee "$logs/imagenet_masks.log"
+      ;;
+    imagenet-layers) imagenet imagenet_layers_resnet50 "test_layer and resnet50" ;;
+    imagenet-layers-vgg) imagenet imagenet_layers_vgg16 "test_layer and vgg16_bn" ;;
+    imagenet-steps) imagenet imagenet_steps_resnet50 "test_step and resnet50" ;;
+    imagenet-steps-vgg) imagenet imagenet_steps_vgg16 "test_step and vgg16_bn" ;;
+    imagenet-targets)
+      imagenet imagenet_targets "resnet50 and ((test_layer and target) or (test_step and eager and not 0.9-))" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -69,21 +69,35 @@ def conv_layers(name: str) -> dict[str, tuple]:
 
 
 class ConvCase:
-    """One layer at one sparsity: a dense and a sparse forward+backward on the same data."""
+    """One layer at one sparsity: a dense and a sparse forward+backward on the same data.
+
+    ``ConvCase(model_name, key, sparsity)`` is a layer of the CIFAR models above (on the CPU);
+    :meth:`from_layer` builds one from any Conv2d, its mask and its input shape, on any device.
+    """
 
     def __init__(self, model_name: str, key: str, sparsity: float):
         layer_name, input_shape = conv_layers(model_name)[key]
         conv = model(model_name).get_submodule(layer_name)
-        mask = grasp_masks(model_name, sparsity, "layerwise")[layer_name + ".weight"]
-        g = torch.Generator().manual_seed(1)
+        self._build(conv, grasp_masks(model_name, sparsity, "layerwise")[layer_name + ".weight"], input_shape, "cpu")
+
+    @classmethod
+    def from_layer(cls, conv: torch.nn.Conv2d, mask: torch.Tensor, input_shape, device="cpu") -> ConvCase:
+        case = cls.__new__(cls)
+        case._build(conv, mask, input_shape, torch.device(device))
+        return case
+
+    def _build(self, conv: torch.nn.Conv2d, mask: torch.Tensor, input_shape, device: torch.device) -> None:
+        g = torch.Generator(device).manual_seed(1)  # drawn where they live: ImageNet activations are large
+        mask = mask.to(device)
         self.needs_input_grad = input_shape[1] != 3  # the first layer's input is data
-        self.x = torch.randn(input_shape, generator=g).requires_grad_(self.needs_input_grad)
-        self.weight = (conv.weight.detach() * mask).requires_grad_()
+        self.x = torch.randn(input_shape, generator=g, device=device).requires_grad_(self.needs_input_grad)
+        self.weight = (conv.weight.detach().to(device) * mask).requires_grad_()
         self.stride, self.padding = conv.stride, conv.padding
         self.pattern = SparsePattern.from_mask(mask)
         self.values = self.pattern.gather(self.weight.detach()).requires_grad_()
-        out = F.conv2d(self.x.detach(), self.weight.detach(), None, self.stride, self.padding)
-        self.grad = torch.randn(out.shape, generator=g)
+        # The output's shape, from meta tensors (no dense product computed for it).
+        out_shape = F.conv2d(self.x.to("meta"), self.weight.to("meta"), None, self.stride, self.padding).shape
+        self.grad = torch.randn(out_shape, generator=g, device=device)
         # The sparse layers hand each other batch-innermost tensors; so do their gradients.
         self.x_sparse = to_batch_innermost(self.x.detach())
         self.x_sparse.requires_grad_(self.needs_input_grad)
@@ -95,16 +109,17 @@ class ConvCase:
                                                 mask, mode="compact")
         self.dead_channels = self.compact_layer.dead_channels
         # bfloat16: the kernels on bfloat16 activations with the float32 values (as under CPU autocast), and
-        # dense torch under autocast in channels_last (oneDNN's bfloat16 path).
+        # dense torch under autocast in channels_last (oneDNN's bfloat16 path on CPUs, cuDNN's on GPUs).
         self.x_sparse_bf16 = self.x_sparse.detach().to(torch.bfloat16).requires_grad_(self.needs_input_grad)
         self.grad_sparse_bf16 = self.grad_sparse.to(torch.bfloat16)
         self.x_cl = self.x.detach().contiguous(memory_format=torch.channels_last)
         self.x_cl.requires_grad_(self.needs_input_grad)
         self.grad_cl = self.grad.contiguous(memory_format=torch.channels_last).to(torch.bfloat16)
-        out_positions = self.grad.shape[0] * self.grad.shape[2] * self.grad.shape[3]
+        out_positions = out_shape[0] * out_shape[2] * out_shape[3]
         # Multiply-adds of a sparse forward+backward: forward, weight gradient and (but for the first layer)
         # input gradient, one per kept weight and output position.
         self.sparse_macs = (3 if self.needs_input_grad else 2) * self.pattern.nnz * out_positions
+        self.dense_macs = (3 if self.needs_input_grad else 2) * mask.numel() * out_positions
 
     def dense(self) -> None:
         self.x.grad = self.weight.grad = None  # a layer's gradients are fresh tensors in training too
@@ -120,13 +135,21 @@ class ConvCase:
                              self.padding).backward(self.grad_sparse)
 
     def sparse_bf16(self) -> None:
+        """Under autocast: bfloat16 products with float32 accumulation, float32 values and their gradients."""
         self.x_sparse_bf16.grad = self.values.grad = None
-        gx.ops.sparse_conv2d(self.x_sparse_bf16, self.values, self.pattern, None, self.stride,
-                             self.padding).backward(self.grad_sparse_bf16)
+        with torch.autocast(self.x.device.type, dtype=torch.bfloat16):
+            y = gx.ops.sparse_conv2d(self.x_sparse_bf16, self.values, self.pattern, None, self.stride, self.padding)
+        y.backward(self.grad_sparse_bf16)
+
+    def compact_bf16(self) -> None:
+        self.x_cl.grad = self.compact_layer.values.grad = None
+        with torch.autocast(self.x.device.type, dtype=torch.bfloat16):
+            y = self.compact_layer(self.x_cl)
+        y.backward(self.grad_cl)
 
     def dense_bf16(self) -> None:
         self.x_cl.grad = self.weight.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(self.x.device.type, dtype=torch.bfloat16):
             y = F.conv2d(self.x_cl, self.weight, None, self.stride, self.padding)
         y.backward(self.grad_cl)
 
@@ -171,28 +194,39 @@ class LinearCase:
 
 # The distinct BatchNorm2d inputs of VGG19-CIFAR at batch BATCH: (channels, height = width).
 BATCH_NORM_SHAPES = ((64, 32), (128, 16), (256, 8), (512, 4), (512, 2))
+# Those of ResNet-50 at 224x224 (batch 256), the largest of each stage.
+BATCH_NORM_SHAPES_IMAGENET = ((64, 112), (256, 56), (512, 28), (1024, 14), (2048, 7))
 
 
 class BatchNormCase:
-    """BatchNorm2d then ReLU, forward and backward in training mode: torch's modules on NCHW input against
-    graspext's fused layout module on batch-innermost input (how each meets its input in a network)."""
+    """BatchNorm2d then ReLU, forward and backward in training mode: torch's modules on NCHW (and channels_last)
+    input against graspext's layout modules on batch-innermost input (how each meets its input in a network):
+    the fused op on the CPU, torch's kernels on a view of the same storage on CUDA."""
 
-    def __init__(self, channels: int, size: int):
+    def __init__(self, channels: int, size: int, batch: int = BATCH, device: str = "cpu"):
         from graspext.nn.layout import fuse_batch_norm_relu, to_layout_module
 
-        g = torch.Generator().manual_seed(4)
-        self.x = torch.randn(BATCH, channels, size, size, generator=g).requires_grad_()
-        self.grad = torch.randn(BATCH, channels, size, size, generator=g)
+        g = torch.Generator(device).manual_seed(4)
+        self.x = torch.randn(batch, channels, size, size, generator=g, device=device).requires_grad_()
+        self.grad = torch.randn(batch, channels, size, size, generator=g, device=device)
         self.x_fused = to_batch_innermost(self.x.detach()).requires_grad_()
         self.grad_fused = to_batch_innermost(self.grad)
+        self.x_cl = self.x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        self.grad_cl = self.grad.contiguous(memory_format=torch.channels_last)
         self.torch_modules = torch.nn.Sequential(torch.nn.BatchNorm2d(channels), torch.nn.ReLU(inplace=True))
         self.fused_modules = torch.nn.Sequential(*(to_layout_module(m) for m in
                                                    (torch.nn.BatchNorm2d(channels), torch.nn.ReLU(inplace=True))))
         fuse_batch_norm_relu(self.fused_modules)
+        self.torch_modules.to(device)
+        self.fused_modules.to(device)
 
     def torch(self) -> None:
         self.x.grad = None
         self.torch_modules(self.x).backward(self.grad)
+
+    def torch_channels_last(self) -> None:
+        self.x_cl.grad = None
+        self.torch_modules(self.x_cl).backward(self.grad_cl)
 
     def fused(self) -> None:
         self.x_fused.grad = None

@@ -2,7 +2,8 @@
 conv of VGG19- and ResNet32-CIFAR at batch 128 and Linear 4096x4096 at batch 256, graspext's CUDA kernels
 against dense cuDNN/cuBLAS with PyTorch's defaults (TF32 convolutions) and with strict FP32, against cuDNN on the
 live channels only ("compact"), and against torch.sparse CSR (cuSPARSE) for Linear; and the end-to-end train
-step, sparse against dense, eager and as a captured CUDA graph.
+step, sparse against dense, eager and as a captured CUDA graph; and BatchNorm2d+ReLU at ResNet-50's ImageNet shapes
+in the three layouts.
 
 Every timed call ends with torch.cuda.synchronize(). The sparse modules use the CUDA kernels only with
 GRASPEXT_CUDA_SPARSE=1 (they are still slower than cuDNN end to end); this file sets it.
@@ -18,7 +19,8 @@ import torch
 
 import graspext as gx
 
-from sparse_workloads import MODELS, SPARSITIES, ConvCase, LinearCase, StepCase, conv_layers
+from sparse_workloads import (BATCH_NORM_SHAPES_IMAGENET, MODELS, SPARSITIES, BatchNormCase, ConvCase, LinearCase,
+                              StepCase, conv_layers)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 os.environ["GRASPEXT_CUDA_SPARSE"] = "1"
@@ -106,3 +108,15 @@ def test_train_step_cuda(benchmark, model_name, sparsity, policy, graphs):
         except RuntimeError as error:  # recorded, not hidden: the results table says which steps could not
             pytest.skip(f"CUDA graph capture failed: {error}")
     benchmark.pedantic(_synchronized(step), rounds=20, warmup_rounds=3)
+
+
+@pytest.mark.parametrize("channels,size", BATCH_NORM_SHAPES_IMAGENET, ids=[f"{c}x{s}x{s}" for c, s in
+                                                                        BATCH_NORM_SHAPES_IMAGENET])
+@pytest.mark.parametrize("impl", ["torch", "torch_channels_last", "batch_innermost"])
+def test_batch_norm_relu_cuda(benchmark, channels, size, impl):
+    """BatchNorm2d+ReLU in training mode at ResNet-50's ImageNet shapes, batch 256: what the batch-innermost layout
+    of the sparse layers costs against torch on NCHW and channels_last (the evidence for a fused CUDA kernel)."""
+    case = BatchNormCase(channels, size, batch=256, device="cuda")
+    benchmark.group = f"CUDA BatchNorm2d+ReLU {channels}x{size}x{size} batch 256"
+    fn = {"torch": case.torch, "torch_channels_last": case.torch_channels_last, "batch_innermost": case.fused}[impl]
+    benchmark.pedantic(_synchronized(fn), rounds=20, warmup_rounds=3)

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
+from graspext._io import csv_text, write_text
+from graspext.allocator import keep_freed_memory
 from graspext.config import ExperimentConfig
 from graspext.distributed.runtime import Distributed
-from graspext.allocator import keep_freed_memory
 from graspext.masks import Masks
 from graspext.nn import sparsify, sparsity_report
-from graspext._io import csv_text, write_text
 from graspext.train import SUMMARY
 
 SWEEP_RUNS = "sweep_runs.csv"
@@ -133,6 +133,7 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
     for s in sparsities:
         check_sparsity(s)
     os.makedirs(out_dir, exist_ok=True)
+    dist = Distributed()
     rows = []
     for method in methods:
         for sparsity in sparsities:
@@ -145,7 +146,7 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
                 run_dir = os.path.join(out_dir, cfg.name)
                 done = os.path.join(run_dir, SUMMARY)
                 # Every rank skips it, or none (an unfinished run is checked by run_experiment).
-                if Distributed().broadcast_object(os.path.exists(done)):
+                if dist.broadcast_object(os.path.exists(done)):
                     check_run_folder(cfg, run_dir)
                     try:
                         with open(done) as f:
@@ -159,7 +160,6 @@ def sweep(base: ExperimentConfig, methods: Sequence[str], sparsities: Sequence[f
                 summary = run_experiment(cfg, run_dir, **run_kwargs)
                 rows.append({k: summary[k] for k in ("method", "seed", "best_test_acc", "final_test_acc", "out_dir")}
                             | {"sparsity": sparsity})
-    dist = Distributed()
     if dist.is_main:
         _write_tables(rows, out_dir)
     dist.barrier()  # the tables exist for every rank once sweep returns

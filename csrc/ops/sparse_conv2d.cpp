@@ -36,7 +36,19 @@ class ValidatedIndexCache {
                      entries_.end());
       if (entries_.size() >= kCapacity) entries_.clear();
     }
-    entries_.push_back({Seen(ptr), Seen(taps), order ? Seen(*order) : Seen(), taps_per_row});
+    entries_.push_back({Seen(ptr), Seen(taps), order ? Seen(*order) : Seen(), taps_per_row, at::Tensor()});
+  }
+
+  // The rows of `ptr` longest first: computed on the first call for a validated index and kept with it.
+  at::Tensor rows_by_length(const at::Tensor& ptr) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& e : entries_) {
+      if (e.ptr.matches(ptr)) {
+        if (!e.rows_by_length.defined()) e.rows_by_length = longest_first(ptr);
+        return e.rows_by_length;
+      }
+    }
+    return longest_first(ptr);  // not validated through the cache: computed for this call only
   }
 
  private:
@@ -56,9 +68,14 @@ class ValidatedIndexCache {
     uint32_t version = 0;
     bool defined = false;
   };
+  static at::Tensor longest_first(const at::Tensor& ptr) {
+    return at::argsort(at::diff(ptr), /*stable=*/true, /*dim=*/0, /*descending=*/true).to(at::kInt);
+  }
+
   struct Entry {
     Seen ptr, taps, order;
     int64_t taps_per_row;
+    at::Tensor rows_by_length;  // on the index's device; undefined until asked for
     bool expired() const {
       return ptr.impl.expired() || taps.impl.expired() || (order.defined && order.impl.expired());
     }
@@ -69,11 +86,14 @@ class ValidatedIndexCache {
 };
 
 ValidatedIndexCache& validated_device_indices() {
-  static ValidatedIndexCache cache;
-  return cache;
+  // Never destroyed: its entries hold device tensors, which must not be freed after the CUDA runtime at exit.
+  static auto* cache = new ValidatedIndexCache;
+  return *cache;
 }
 
 }  // namespace
+
+at::Tensor rows_by_length(const at::Tensor& ptr) { return validated_device_indices().rows_by_length(ptr); }
 
 ConvGeometry make_conv_geometry(at::IntArrayRef input_shape, at::IntArrayRef weight_shape, at::IntArrayRef stride,
                                 at::IntArrayRef padding) {

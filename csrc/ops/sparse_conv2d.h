@@ -33,6 +33,10 @@ void check_sparse_index(const at::Tensor& ptr, const at::Tensor& taps, const at:
                         int64_t taps_per_row, int64_t nnz, const char* ptr_name, const char* taps_name,
                         const char* order_name);
 
+// The rows of a device index (the `ptr` of check_sparse_index) ordered longest first, ties by row, as int32 on
+// its device: the CUDA kernels' block order. Kept with the validated index, so computed once per index.
+at::Tensor rows_by_length(const at::Tensor& ptr);
+
 void check_values(const at::Tensor& values, const at::Tensor& like, const char* like_name);
 
 // A 4-D float32, float64 or bfloat16 (CUDA also float16) tensor on a device of type `device` (the backend checking

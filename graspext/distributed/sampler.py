@@ -52,25 +52,29 @@ class ShardedSampler(Sampler[int]):
         full, rest = divmod(self.num_examples, self.global_batch_size)
         return full + (0 if self.drop_last or not rest else 1)
 
+    def _share(self, batch_length: int) -> tuple[int, int]:
+        """This rank's slice [start, stop) of a global batch of ``batch_length`` examples: the r-th local batch
+        of a full one, as even a split as the count allows of the trailing partial one (evaluation)."""
+        if batch_length == self.global_batch_size:
+            b = self.local_batch_size
+            return self.rank * b, (self.rank + 1) * b
+        share, extra = divmod(batch_length, self.world_size)
+        start = self.rank * share + min(self.rank, extra)
+        return start, start + share + (self.rank < extra)
+
+    def _batch_lengths(self):
+        for i in range(self._batches()):
+            yield min(self.global_batch_size, self.num_examples - i * self.global_batch_size)
+
     def __iter__(self):
         order = self._order()
-        b = self.local_batch_size
-        for i in range(self._batches()):
-            batch = order[i * self.global_batch_size:(i + 1) * self.global_batch_size]
-            if len(batch) == self.global_batch_size:
-                yield from batch[self.rank * b:(self.rank + 1) * b]
-            else:  # the trailing partial batch (evaluation): as even a split as the count allows
-                share, extra = divmod(len(batch), self.world_size)
-                start = self.rank * share + min(self.rank, extra)
-                yield from batch[start:start + share + (self.rank < extra)]
+        for i, length in enumerate(self._batch_lengths()):
+            start, stop = self._share(length)
+            offset = i * self.global_batch_size
+            yield from order[offset + start:offset + stop]
 
     def __len__(self) -> int:
-        full, rest = divmod(self.num_examples, self.global_batch_size)
-        n = full * self.local_batch_size
-        if rest and not self.drop_last:
-            share, extra = divmod(rest, self.world_size)
-            n += share + (self.rank < extra)
-        return n
+        return sum(stop - start for start, stop in map(self._share, self._batch_lengths()))
 
 
 def shard_loader(loader: DataLoader, rank: int, world_size: int, *, train: bool) -> DataLoader:

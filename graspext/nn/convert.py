@@ -242,15 +242,17 @@ def sparsify(model: nn.Module, masks: Mapping[str, Tensor], *, inplace: bool = F
             once, and fuse each BatchNorm2d that a Sequential runs into a ReLU (the ReLU becomes ``FusedReLU``).
         filter_fn: ``filter_fn(module, name) -> bool`` to leave some masked layers alone.
         dtype: the dtype the model will train in, for the cost model and ``"measure"``: ``None`` for the
-            weights' dtype, ``torch.bfloat16`` for ``torch.autocast("cpu", torch.bfloat16)`` (the choice
-            between sparse and dense shifts there; "measure" times the candidates under that autocast).
+            weights' dtype, ``torch.bfloat16`` for ``torch.autocast(device, torch.bfloat16)`` (the choice
+            between sparse and dense shifts there; "measure" times the candidates under that autocast, on the
+            model's device).
 
     Returns the converted model; ``sparsity_report(model)`` lists each layer's density and choice.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if dtype not in (None, torch.bfloat16):
-        raise ValueError(f"dtype must be None (the weights' dtype) or torch.bfloat16 (CPU autocast), got {dtype!r}")
+        raise ValueError(f"dtype must be None (the weights' dtype) or torch.bfloat16 (bfloat16 autocast), "
+                         f"got {dtype!r}")
     if policy == "measure" and example_input is None:
         raise ValueError("policy='measure' needs example_input, a batch of the shape the model will train on")
     if not isinstance(masks, Mapping):

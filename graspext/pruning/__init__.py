@@ -1,4 +1,5 @@
-"""Pruning at initialization: ``prune`` (scores -> exact-count masks) and ``scores``.
+"""Pruning at initialization: ``prune`` (scores -> exact-count masks), ``scores``, and ``masks_from_scores``
+(one scoring, masks at several sparsities).
 
 Every method implements only ``score()`` (``graspext/pruning/<method>.py``); scope, rounds and mask making
 are shared here.
@@ -7,8 +8,7 @@ are shared here.
 from __future__ import annotations
 
 import copy
-
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,14 +16,14 @@ from torch import Tensor, nn
 
 from graspext.distributed.runtime import Distributed
 from graspext.masks import Masks
-from graspext.pruning import grasp, magnitude, snip, synflow  # noqa: F401  (registers the methods)
 from graspext.pruning import data as D
+from graspext.pruning import grasp, magnitude, snip, synflow  # noqa: F401  (registers the methods)
 from graspext.pruning.base import REGISTRY, Method, ScoringContext
 from graspext.pruning.layers import FilterFn, prunable_modules
 from graspext.pruning.selection import (LayerCollapseWarning, check_sparsity, erk_densities, layer_removals,
                                         num_to_remove, report_collapse, select_masks)
 
-__all__ = ["prune", "scores", "METHODS", "LayerCollapseWarning"]
+__all__ = ["prune", "scores", "masks_from_scores", "METHODS", "LayerCollapseWarning"]
 
 METHODS = REGISTRY
 SCOPES = ("global", "layerwise")
@@ -42,6 +42,14 @@ def _choice(value, name: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def _check_selection(scope: str, distribution: str, on_collapse: str) -> None:
+    _choice(scope, "scope", SCOPES)
+    _choice(distribution, "distribution", DISTRIBUTIONS)
+    _choice(on_collapse, "on_collapse", ON_COLLAPSE)
+    if scope == "global" and distribution != "uniform":
+        raise ValueError("distribution applies to scope='layerwise' only; global scope ranks all layers together")
 
 
 def _scoring_model(model: nn.Module) -> nn.Module:
@@ -162,12 +170,8 @@ def prune(
         **options: the method's own options (e.g. GraSP's ``temperature``, ``num_chunks``, ``engine``).
     """
     sparsity = check_sparsity(sparsity)
-    _choice(scope, "scope", SCOPES)
-    _choice(distribution, "distribution", DISTRIBUTIONS)
+    _check_selection(scope, distribution, on_collapse)
     _choice(schedule, "schedule", SCHEDULES)
-    _choice(on_collapse, "on_collapse", ON_COLLAPSE)
-    if scope == "global" and distribution != "uniform":
-        raise ValueError("distribution applies to scope='layerwise' only; global scope ranks all layers together")
     m = _make_method(method, options)
     if rounds is None:
         rounds = m.default_rounds
@@ -177,7 +181,6 @@ def prune(
     names = ctx.names
     params = [mod.weight for mod in ctx.modules.values()]
     sizes = [p.numel() for p in params]
-    total = sum(sizes)
     densities = (erk_densities([tuple(p.shape) for p in params], 1.0 - sparsity) if distribution == "erk"
                  else [1.0 - sparsity] * len(params))
 
@@ -192,17 +195,7 @@ def prune(
             # Already-pruned weights rank first for removal, so a later round never revives one.
             for s, keep in zip(round_scores, masks):
                 s.masked_fill_(~keep.to(s.device), torch.finfo(s.dtype).max * (1 if m.remove_largest else -1))
-        if scope == "global":
-            masks, kept = select_masks(round_scores, num_to_remove(total, target), m.remove_largest)
-        else:
-            round_densities = [1.0 - (1.0 - d) * target / sparsity if sparsity else 1.0 for d in densities]
-            already = [n - k for n, k in zip(sizes, kept)]  # a later round never revives a weight
-            counts = layer_removals(sizes, round_densities, num_to_remove(total, target), minimum=already)
-            masks, kept = [], []
-            for s, c in zip(round_scores, counts):
-                mk, kc = select_masks([s], c, m.remove_largest)
-                masks += mk
-                kept += kc
+        masks, kept = _select(round_scores, target, sparsity, densities, kept, scope, m.remove_largest)
         del round_scores
 
     ctx.distributed.check_identical(dict(zip(names, masks)), f"{m.name} masks")
@@ -211,6 +204,53 @@ def prune(
             "rounds": rounds, "schedule": schedule, "options": {k: _plain(v) for k, v in options.items()},
             "collapsed_layers": collapsed}
     return Masks({n: mk.to(p.device) for n, mk, p in zip(names, masks, params)}, meta)
+
+
+def _select(round_scores: list[Tensor], target: float, sparsity: float, densities: list[float], kept: list[int],
+            scope: str, remove_largest: bool) -> tuple[list[Tensor], list[int]]:
+    """One round's masks at sparsity ``target`` (of the final ``sparsity``) and their kept counts; ``kept`` is what
+    each layer keeps before the round, ``densities`` the final per-layer densities of a layerwise scope."""
+    sizes = [s.numel() for s in round_scores]
+    total = sum(sizes)
+    if scope == "global":
+        return select_masks(round_scores, num_to_remove(total, target), remove_largest)
+    round_densities = [1.0 - (1.0 - d) * target / sparsity if sparsity else 1.0 for d in densities]
+    already = [n - k for n, k in zip(sizes, kept)]  # a later round never revives a weight
+    counts = layer_removals(sizes, round_densities, num_to_remove(total, target), minimum=already)
+    masks, layer_kept = [], []
+    for s, c in zip(round_scores, counts):
+        mk, kc = select_masks([s], c, remove_largest)
+        masks += mk
+        layer_kept += kc
+    return masks, layer_kept
+
+
+def masks_from_scores(scores: Mapping[str, Tensor], method: str, sparsity: float, *, scope: str = "global",
+                      distribution: str = "uniform", on_collapse: str = "warn") -> Masks:
+    """The masks :func:`prune` makes in one round from these :func:`scores` (by parameter name, of ``method``,
+    whose sign convention they follow): score once, then select at several sparsities. ``scope``,
+    ``distribution`` and ``on_collapse`` as for :func:`prune`."""
+    sparsity = check_sparsity(sparsity)
+    _check_selection(scope, distribution, on_collapse)
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must map parameter names to score tensors (as gx.scores returns), got "
+                        f"{type(scores).__name__}")
+    if not scores:
+        raise ValueError("scores is empty: give the scores of at least one layer, by parameter name")
+    bad = [n for n, t in scores.items() if not isinstance(t, Tensor) or not t.is_floating_point()]
+    if bad:
+        raise TypeError(f"scores must map parameter names to floating-point tensors; not so for {bad}")
+    names, values = list(scores), [t.detach() for t in scores.values()]
+    sizes = [t.numel() for t in values]
+    densities = (erk_densities([tuple(t.shape) for t in values], 1.0 - sparsity) if distribution == "erk"
+                 else [1.0 - sparsity] * len(values))
+    masks, kept = _select(values, sparsity, sparsity, densities, sizes, scope, METHODS[method.lower()].remove_largest)
+    collapsed = report_collapse(names, kept, on_collapse)
+    meta = {"method": method.lower(), "sparsity": sparsity, "scope": scope, "distribution": distribution, "rounds": 1,
+            "collapsed_layers": collapsed}
+    return Masks({n: mk.to(t.device) for n, mk, t in zip(names, masks, values)}, meta)
 
 
 def _plain(v):

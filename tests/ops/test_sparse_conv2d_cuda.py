@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given
 
 from graspext import ops
+from graspext.nn.layout import to_batch_innermost
 from graspext.nn.pattern import SparsePattern
 from tests.conftest import hypothesis_settings, skip_without_kernel
 from tests.ops.test_sparse_conv2d import CASES, CONV_PROBLEMS, DEGENERATE, F64, _case, conv_problem, degenerate_case
@@ -173,3 +174,68 @@ def test_bad_index_raises():
     taps[-1] = -1
     with pytest.raises(RuntimeError, match="row_taps has a tap outside"):
         conv(taps)
+
+
+def _conv_cuda_float32(x, weight, b, mask, stride, padding, view=lambda t: t):
+    """The CUDA op in float32 on ``view`` of the batch-innermost input, with its gradients."""
+    pattern = SparsePattern.from_mask(mask).to("cuda")
+    values = pattern.gather(weight.float().cuda()).requires_grad_()
+    xs = view(to_batch_innermost(x.float().cuda())).detach().requires_grad_()
+    y = ops.sparse_conv2d(xs, values, pattern, b.float().cuda() if b is not None else None, stride, padding)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).cuda()
+    gx_, gv = torch.autograd.grad(y, (xs, values), grad)
+    return y, gx_, gv, grad
+
+
+@pytest.mark.parametrize("n", [4, 8, 64, 132, 256])
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3)])
+def test_conv_float32_vector_loads(n, k, stride, padding):
+    """Batches that are multiples of four take the kernels' vector loads; against float64 on the CPU."""
+    x, weight, b, mask = _case(n, 12, 20, 9, 7, k, 0.15, torch.float64, seed=n + k)
+    mask[3] = False  # an empty row
+    mask[5] = True  # a full row: rows of very unequal length (the block order puts the longest first)
+    weight = torch.randn(mask.shape, dtype=torch.float64) * mask
+    y, gx_, gv, grad = _conv_cuda_float32(x, weight, b, mask, stride, padding)
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    yr = F.conv2d(xr, wr * mask, b, stride, padding)
+    rx, rw = torch.autograd.grad(yr, (xr, wr), grad.double().cpu())
+    tol = {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y.cpu().double(), yr, **tol)
+    torch.testing.assert_close(gx_.cpu().double(), rx, **tol)
+    torch.testing.assert_close(gv.cpu().double(), SparsePattern.from_mask(mask).gather(rw), **tol)
+
+
+def test_unaligned_views_take_the_scalar_path():
+    """A view starting one sample in (batch stride 1, data pointer not 16-byte aligned) and a batch not a multiple
+    of four compute what the aligned vector path computes on the same values."""
+    x, weight, b, mask = _case(9, 6, 10, 8, 8, 3, 0.3, torch.float64, seed=21)
+    aligned = _conv_cuda_float32(x[1:], weight, b, mask, 1, 1)  # batch 8: vector loads
+    shifted = _conv_cuda_float32(x, weight, b, mask, 1, 1, view=lambda t: t[1:])  # the same 8 samples, offset
+    for got, expected in zip(shifted[:3], aligned[:3]):  # the weight gradient sums in another order
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    odd = _conv_cuda_float32(x, weight, b, mask, 1, 1)  # batch 9: scalar loads
+    torch.testing.assert_close(odd[0][1:], aligned[0], rtol=1e-6, atol=1e-6)
+
+
+def test_row_order_is_cached_per_index():
+    """The block order (rows longest first) is derived once per validated index: a second call launches no sort,
+    and an in-place change of the index is validated and ordered again."""
+    x, weight, _, mask = _case(8, 4, 6, 5, 5, 3, 0.5, torch.float32, seed=2)
+    pattern = SparsePattern.from_mask(mask).to("cuda")
+    values = pattern.gather(weight.cuda())
+    xs = x.cuda()
+    first = ops.sparse_conv2d(xs, values, pattern, None, 1, 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        second = ops.sparse_conv2d(xs, values, pattern, None, 1, 1)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert not [k for k in kernels if "sort" in k.lower()], kernels
+    torch.testing.assert_close(first, second)
+    # Reverse the row lengths in place (same nnz): a stale order would skip rows or compute one twice.
+    reversed_mask = mask.flip(0)
+    fresh = SparsePattern.from_mask(reversed_mask)
+    pattern.row_ptr.copy_(fresh.row_ptr)
+    pattern.row_taps.copy_(fresh.row_taps)
+    out = ops.sparse_conv2d(xs, pattern.gather(weight.flip(0).cuda()), pattern, None, 1, 1)
+    torch.testing.assert_close(out.cpu(), F.conv2d(x, weight.flip(0) * reversed_mask, None, 1, 1), rtol=1e-4,
+                               atol=1e-4)

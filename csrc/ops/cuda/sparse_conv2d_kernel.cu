@@ -21,7 +21,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "ops/cuda/launch.cuh"
 #include "ops/sparse_conv2d.h"
@@ -43,31 +46,49 @@ Strides strides_of(const at::Tensor& t) { return {t.stride(1), t.stride(2), t.st
 // A block owns one (row, y) and a tile of kGatherPerThread * blockDim consecutive (x, n) positions. The row's
 // entries are decoded once per block, kGatherThreads at a time, into shared memory (the source row offset,
 // or -1 where sy falls outside, the column tap and the value), so the inner loop is a load and an FMA.
+//
+// The grid runs the rows fastest: the blocks resident at one time are all rows of a few (y, tile) slices, so an
+// input slice that several rows read at a tap stays in L2 between them (a tile of the input, reused across the
+// output channels that share it). Within a slice, the rows go longest first (`row_order`, Sputnik's row swizzle),
+// so that no long row is left over for the last wave. With kVec = 4 each thread owns groups of four consecutive
+// samples of one pixel and moves them with one vector load or store (the batch is innermost: 16 bytes of float32,
+// 8 of bfloat16); kVec = 1 is the fallback for batches not a multiple of four and unaligned views.
 constexpr int kGatherThreads = 128;
 constexpr int kGatherPerThread = 4;
 
-template <typename scalar_t, bool kTransposed>
+// kVec consecutive elements, loaded or stored as one aligned access.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+template <typename scalar_t, bool kTransposed, int kVec>
 __global__ void __launch_bounds__(kGatherThreads) gather_kernel(
     const scalar_t* __restrict__ src, Strides ss, int src_h, int src_w, scalar_t* __restrict__ dst, Strides ds,
     int dst_w, int batch, const int64_t* __restrict__ ptr, const int32_t* __restrict__ taps,
-    const int32_t* __restrict__ order, const scalar_t* __restrict__ values, const scalar_t* __restrict__ bias,
-    int64_t nnz, int64_t taps_per_row, int kh, int kw, int stride_h, int stride_w, int pad_h, int pad_w) {
+    const int32_t* __restrict__ order, const int32_t* __restrict__ row_order, int64_t rows,
+    const scalar_t* __restrict__ values, const scalar_t* __restrict__ bias, int64_t nnz, int64_t taps_per_row, int kh,
+    int kw, int stride_h, int stride_w, int pad_h, int pad_w) {
   using acc_t = at::opmath_type<scalar_t>;
+  using pack_t = Pack<scalar_t, kVec>;
+  constexpr int kGroups = kGatherPerThread / kVec;  // groups of kVec samples per thread
   __shared__ int64_t entry_offset[kGatherThreads];
   __shared__ int entry_column[kGatherThreads];
   __shared__ acc_t entry_value[kGatherThreads];
-  const int64_t row = blockIdx.z;
+  const int64_t row = row_order[blockIdx.x];
+  CUDA_KERNEL_ASSERT(0 <= row && row < rows);
   const int y = blockIdx.y;
-  const int positions = dst_w * batch;
-  const int tile = blockIdx.x * kGatherThreads * kGatherPerThread;
-  int x[kGatherPerThread], n[kGatherPerThread];
-  acc_t acc[kGatherPerThread];
+  const int tile = blockIdx.z * kGatherThreads * kGatherPerThread;
+  int x[kGroups], n[kGroups];
+  acc_t acc[kGroups][kVec];
 #pragma unroll
-  for (int k = 0; k < kGatherPerThread; ++k) {
-    const int i = tile + k * kGatherThreads + threadIdx.x;
+  for (int k = 0; k < kGroups; ++k) {
+    // batch % kVec == 0, so the group's samples n .. n + kVec - 1 share the pixel x.
+    const int i = tile + (k * kGatherThreads + static_cast<int>(threadIdx.x)) * kVec;
     x[k] = i / batch;
     n[k] = i - x[k] * batch;
-    acc[k] = bias ? static_cast<acc_t>(bias[row]) : acc_t(0);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) acc[k][j] = bias ? static_cast<acc_t>(bias[row]) : acc_t(0);
   }
   const int64_t begin = ptr[row], end = ptr[row + 1];
   CUDA_KERNEL_ASSERT(0 <= begin && begin <= end && end <= nnz);
@@ -101,7 +122,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_kernel(
       const int s = entry_column[j];
       const acc_t v = entry_value[j];
 #pragma unroll
-      for (int k = 0; k < kGatherPerThread; ++k) {
+      for (int k = 0; k < kGroups; ++k) {
         int sx;
         bool inside;
         if constexpr (kTransposed) {
@@ -112,22 +133,50 @@ __global__ void __launch_bounds__(kGatherThreads) gather_kernel(
           sx = x[k] * stride_w - pad_w + s;
           inside = sx >= 0 && sx < src_w;
         }
-        if (inside && x[k] < dst_w) acc[k] += v * static_cast<acc_t>(src[offset + sx * ss.pixel + n[k]]);
+        if (inside && x[k] < dst_w) {
+          const pack_t p = *reinterpret_cast<const pack_t*>(src + offset + sx * ss.pixel + n[k]);
+#pragma unroll
+          for (int q = 0; q < kVec; ++q) acc[k][q] += v * static_cast<acc_t>(p.v[q]);
+        }
       }
     }
     __syncthreads();
   }
 #pragma unroll
-  for (int k = 0; k < kGatherPerThread; ++k) {
-    if (tile + k * kGatherThreads + static_cast<int>(threadIdx.x) < positions) {
-      dst[row * ds.channel + y * ds.row + x[k] * ds.pixel + n[k]] = static_cast<scalar_t>(acc[k]);
+  for (int k = 0; k < kGroups; ++k) {
+    if (x[k] < dst_w) {  // x < dst_w <=> the group lies inside the row's dst_w * batch positions
+      pack_t out;
+#pragma unroll
+      for (int q = 0; q < kVec; ++q) out.v[q] = static_cast<scalar_t>(acc[k][q]);
+      *reinterpret_cast<pack_t*>(dst + row * ds.channel + y * ds.row + x[k] * ds.pixel + n[k]) = out;
     }
   }
 }
 
+// Whether kVec-wide accesses along the batch are aligned in these tensors: the batch a multiple of kVec, every
+// other stride too, and the data pointers aligned to the pack (an offset view may not be).
+// Packs are at most 16 bytes (the widest load): float64 always takes the scalar kernels.
+template <typename scalar_t, int kVec>
+constexpr bool kPacks = sizeof(scalar_t) * kVec <= 16;
+
+template <typename scalar_t, int kVec>
+bool packs_fit(int64_t batch, std::initializer_list<const at::Tensor*> tensors) {
+  static_assert(kPacks<scalar_t, kVec>);
+  if (batch % kVec) return false;
+  for (const auto* t : tensors) {
+    if (t->stride(1) % kVec || t->stride(2) % kVec || t->stride(3) % kVec ||
+        reinterpret_cast<uintptr_t>(t->const_data_ptr()) % (sizeof(scalar_t) * kVec)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // partial[band, e] = sum over output rows y of the band, pixels x and samples n of
-// grad_output[o, y, x, n] * input[c, sy, sx, n]; one warp per (band, entry). `partial` is in acc_t.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// grad_output[o, y, x, n] * input[c, sy, sx, n]; one warp per (band, entry), its lanes on consecutive samples
+// (kVec at a time where packs fit). `partial` is in acc_t. Consecutive warps take consecutive entries of one
+// band: mostly one row o, so the band's grad_output slice is read from L2 once per row, not once per entry.
+template <typename scalar_t, int kVec, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void sddmm_kernel(const scalar_t* __restrict__ go, Strides gs, const scalar_t* __restrict__ in,
                              Strides is, int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w, int64_t batch,
                              const int64_t* __restrict__ ptr, int64_t rows, const int32_t* __restrict__ taps,
@@ -159,7 +208,12 @@ __global__ void sddmm_kernel(const scalar_t* __restrict__ go, Strides gs, const 
         if (sx < 0 || sx >= in_w) continue;
         const scalar_t* g = go + lo * gs.channel + y * gs.row + x * gs.pixel;
         const scalar_t* p = in + c * is.channel + sy * is.row + sx * is.pixel;
-        for (int64_t n = lane; n < batch; n += 32) acc += static_cast<acc_t>(g[n]) * static_cast<acc_t>(p[n]);
+        for (int64_t n = lane * kVec; n < batch; n += 32 * kVec) {  // batch % kVec == 0
+          const auto gp = *reinterpret_cast<const Pack<scalar_t, kVec>*>(g + n);
+          const auto pp = *reinterpret_cast<const Pack<scalar_t, kVec>*>(p + n);
+#pragma unroll
+          for (int q = 0; q < kVec; ++q) acc += static_cast<acc_t>(gp.v[q]) * static_cast<acc_t>(pp.v[q]);
+        }
       }
     }
 #pragma unroll
@@ -177,22 +231,31 @@ void launch_gather(const at::Tensor& src, const at::Tensor& dst, const ConvGeome
   const int64_t src_h = kTransposed ? g.out_h : g.in_h, src_w = kTransposed ? g.out_w : g.in_w;
   const int64_t positions = dst_w * g.batch;
   if (rows == 0 || dst_h == 0 || positions == 0) return;
-  TORCH_CHECK(rows <= 65535 && dst_h <= 65535 && positions <= std::numeric_limits<int>::max() / 2,
-              "sparse_conv2d (CUDA): at most 65535 channels and rows, and fewer pixels x samples per row");
   constexpr int64_t kTile = kGatherThreads * kGatherPerThread;
-  const dim3 grid(static_cast<unsigned>((positions + kTile - 1) / kTile), static_cast<unsigned>(dst_h),
-                  static_cast<unsigned>(rows));
+  const int64_t tiles = (positions + kTile - 1) / kTile;
+  TORCH_CHECK(dst_h <= 65535 && tiles <= 65535 && positions <= std::numeric_limits<int>::max() / 2,
+              "sparse_conv2d (CUDA): the output height must be at most 65535 and its width x batch at most ",
+              65535 * kTile, "; got ", dst_h, " and ", positions);
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(dst_h), static_cast<unsigned>(tiles));
+  const auto row_order = rows_by_length(ptr);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "sparse_conv2d_gather_cuda", [&] {
-    gather_kernel<scalar_t, kTransposed><<<grid, kGatherThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        src.const_data_ptr<scalar_t>(), strides_of(src), static_cast<int>(src_h), static_cast<int>(src_w),
-        dst.data_ptr<scalar_t>(), strides_of(dst), static_cast<int>(dst_w), static_cast<int>(g.batch),
-        ptr.const_data_ptr<int64_t>(), taps.const_data_ptr<int32_t>(),
-        order ? order->const_data_ptr<int32_t>() : nullptr, values.const_data_ptr<scalar_t>(),
-        bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, values.numel(),
-        (kTransposed ? g.out_channels : g.in_channels) * g.kernel_h * g.kernel_w, static_cast<int>(g.kernel_h),
-        static_cast<int>(g.kernel_w), static_cast<int>(g.stride_h), static_cast<int>(g.stride_w),
-        static_cast<int>(g.pad_h), static_cast<int>(g.pad_w));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto launch = [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      gather_kernel<scalar_t, kTransposed, kVec><<<grid, kGatherThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          src.const_data_ptr<scalar_t>(), strides_of(src), static_cast<int>(src_h), static_cast<int>(src_w),
+          dst.data_ptr<scalar_t>(), strides_of(dst), static_cast<int>(dst_w), static_cast<int>(g.batch),
+          ptr.const_data_ptr<int64_t>(), taps.const_data_ptr<int32_t>(),
+          order ? order->const_data_ptr<int32_t>() : nullptr, row_order.const_data_ptr<int32_t>(), rows,
+          values.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+          values.numel(), (kTransposed ? g.out_channels : g.in_channels) * g.kernel_h * g.kernel_w,
+          static_cast<int>(g.kernel_h), static_cast<int>(g.kernel_w), static_cast<int>(g.stride_h),
+          static_cast<int>(g.stride_w), static_cast<int>(g.pad_h), static_cast<int>(g.pad_w));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if constexpr (kPacks<scalar_t, 4>) {
+      if (packs_fit<scalar_t, 4>(g.batch, {&src, &dst})) return launch(std::integral_constant<int, 4>());
+    }
+    launch(std::integral_constant<int, 1>());
   });
 }
 
@@ -258,13 +321,21 @@ at::Tensor sparse_conv2d_backward_weight_cuda(const at::Tensor& grad_output, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "sparse_conv2d_backward_weight_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    sddmm_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        dy.const_data_ptr<scalar_t>(), strides_of(dy), x.const_data_ptr<scalar_t>(), strides_of(x), g.in_h, g.in_w,
-        g.out_h, g.out_w, g.batch, ptr.const_data_ptr<int64_t>(), g.out_channels, taps.const_data_ptr<int32_t>(),
-        nnz, g.in_channels * g.kernel_h * g.kernel_w, bands, rows_per_band, static_cast<int>(g.kernel_h),
-        static_cast<int>(g.kernel_w), static_cast<int>(g.stride_h), static_cast<int>(g.stride_w),
-        static_cast<int>(g.pad_h), static_cast<int>(g.pad_w), partial.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto launch = [&](auto vec) {
+      sddmm_kernel<scalar_t, decltype(vec)::value>
+          <<<blocks, kThreadsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+              dy.const_data_ptr<scalar_t>(), strides_of(dy), x.const_data_ptr<scalar_t>(), strides_of(x), g.in_h,
+              g.in_w, g.out_h, g.out_w, g.batch, ptr.const_data_ptr<int64_t>(), g.out_channels,
+              taps.const_data_ptr<int32_t>(), nnz, g.in_channels * g.kernel_h * g.kernel_w, bands, rows_per_band,
+              static_cast<int>(g.kernel_h), static_cast<int>(g.kernel_w), static_cast<int>(g.stride_h),
+              static_cast<int>(g.stride_w), static_cast<int>(g.pad_h), static_cast<int>(g.pad_w),
+              partial.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if constexpr (kPacks<scalar_t, 4>) {
+      if (packs_fit<scalar_t, 4>(g.batch, {&dy, &x})) return launch(std::integral_constant<int, 4>());
+    }
+    launch(std::integral_constant<int, 1>());
   });
   const auto total = bands == 1 ? partial.view({nnz}) : partial.sum(0);
   return acc_dtype == input.scalar_type() ? total : total.to(input.scalar_type());
