@@ -112,11 +112,13 @@ def test_train_step_cuda(benchmark, model_name, sparsity, policy, graphs):
 
 @pytest.mark.parametrize("channels,size", BATCH_NORM_SHAPES_IMAGENET, ids=[f"{c}x{s}x{s}" for c, s in
                                                                         BATCH_NORM_SHAPES_IMAGENET])
-@pytest.mark.parametrize("impl", ["torch", "torch_channels_last", "batch_innermost"])
-def test_batch_norm_relu_cuda(benchmark, channels, size, impl):
-    """BatchNorm2d+ReLU in training mode at ResNet-50's ImageNet shapes, batch 256: what the batch-innermost layout
-    of the sparse layers costs against torch on NCHW and channels_last (the evidence for a fused CUDA kernel)."""
+@pytest.mark.parametrize("impl", ["torch", "torch_channels_last", "batch_innermost", "batch_innermost_fused"])
+def test_batch_norm_relu_cuda(benchmark, monkeypatch, channels, size, impl):
+    """BatchNorm2d+ReLU in training mode at ResNet-50's ImageNet shapes, batch 256: torch on NCHW and channels_last
+    against the sparse layers' batch-innermost layout, through torch's kernels and through graspext's fused CUDA
+    op (GRASPEXT_CUDA_FUSED_BN=1): the measurement that decides whether the fused op becomes the default."""
+    monkeypatch.setenv("GRASPEXT_CUDA_FUSED_BN", "1" if impl == "batch_innermost_fused" else "0")
     case = BatchNormCase(channels, size, batch=256, device="cuda")
     benchmark.group = f"CUDA BatchNorm2d+ReLU {channels}x{size}x{size} batch 256"
-    fn = {"torch": case.torch, "torch_channels_last": case.torch_channels_last, "batch_innermost": case.fused}[impl]
+    fn = {"torch": case.torch, "torch_channels_last": case.torch_channels_last}.get(impl, case.fused)
     benchmark.pedantic(_synchronized(fn), rounds=20, warmup_rounds=3)

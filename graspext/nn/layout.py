@@ -11,11 +11,13 @@ parameters and state_dict, for any input layout.
 
 In training, BatchNorm2d runs graspext's fused op instead, together with the ReLU after it (and a ResNet
 block's residual add) where the model lets it: :func:`fuse_batch_norm_relu` for ``nn.Sequential`` models,
-:func:`norm_add_relu` for model code that applies the ReLU itself.
+:func:`norm_add_relu` for model code that applies the ReLU itself. On CUDA the fused op is opt-in
+(``GRASPEXT_CUDA_FUSED_BN=1``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -25,6 +27,17 @@ from torch import Tensor, nn
 from graspext.ops.batch_norm import batch_norm_relu
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # bfloat16: float32 statistics and parameters
+
+
+def _fused_batch_norm_on(device: torch.device) -> bool:
+    """Whether the fused op normalizes in training on this device: always on the CPU; on CUDA only with
+    GRASPEXT_CUDA_FUSED_BN=1 until it is measured against torch's kernels there (benchmarks/RESULTS.md)."""
+    if device.type == "cpu":
+        return True
+    from graspext._extension import has_cuda_kernel
+
+    return (device.type == "cuda" and os.environ.get("GRASPEXT_CUDA_FUSED_BN") == "1"
+            and has_cuda_kernel("batch_norm_relu"))
 
 
 def is_batch_innermost(x: Tensor) -> bool:
@@ -141,7 +154,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         params = self.weight.dtype if self.weight is not None else x.dtype
-        fused = (batch_stats and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES
+        fused = (batch_stats and _fused_batch_norm_on(x.device) and x.dtype in _FUSED_DTYPES
                  and (params == x.dtype or (x.dtype == torch.bfloat16 and params == torch.float32)))
         rows = _as_rows(x) if fused else None
         res_rows = None

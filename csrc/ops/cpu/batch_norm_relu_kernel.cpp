@@ -16,6 +16,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops/batch_norm_relu.h"
+
 // GCC warns that passing or returning 64-byte vectors changes the ABI where AVX-512 is off; the helpers that
 // do are always inlined into the clones below, so no such call exists.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -255,10 +257,6 @@ struct StorageOf<at::BFloat16> {
   using type = uint16_t;
 };
 
-at::ScalarType stats_dtype(const at::Tensor& input) {
-  return input.scalar_type() == at::kBFloat16 ? at::kFloat : input.scalar_type();
-}
-
 // Rows [0, P) in kBlocks nearly equal ranges; block b is [bounds(b), bounds(b + 1)).
 int64_t block_bound(int64_t P, int64_t blocks, int64_t b) { return P * b / blocks; }
 
@@ -290,29 +288,6 @@ void parallel_rows(int64_t P, int64_t C, int64_t L, const Fn& fn) {
   at::parallel_for(0, P, grain, fn);
 }
 
-void check_input(const at::Tensor& input) {
-  TORCH_CHECK(input.dim() == 3, "input must be 3-D [P, C, L] (positions, channels, inner), got shape ",
-              input.sizes());
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
-              "input must be float32, float64 or bfloat16, got ", dtype);
-  TORCH_CHECK(input.is_contiguous(), "input must be contiguous [P, C, L]");
-  TORCH_CHECK(input.size(0) * input.size(2) > 1, "input must have more than one value per channel, got shape ",
-              input.sizes());
-}
-
-void check_channel_vector(const std::optional<at::Tensor>& t, const at::Tensor& input, const char* name) {
-  if (!t) return;
-  TORCH_CHECK(t->dim() == 1 && t->numel() == input.size(1), name, " must have shape [", input.size(1),
-              "] (one per channel), got ", t->sizes());
-  // bfloat16 activations take float32 parameters and statistics (autocast's master weights) or bfloat16 ones.
-  const bool fits = t->scalar_type() == input.scalar_type() ||
-                    (input.scalar_type() == at::kBFloat16 && t->scalar_type() == at::kFloat);
-  TORCH_CHECK(fits, name, " has dtype ", t->scalar_type(), " but input has ", input.scalar_type(),
-              input.scalar_type() == at::kBFloat16 ? " (bfloat16 input takes float32 or bfloat16)" : "");
-  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor here, got ", t->device());
-}
-
 template <typename T>
 std::vector<T> channel_values(const std::optional<at::Tensor>& t, int64_t C, T fallback) {
   std::vector<T> out(C, fallback);
@@ -329,22 +304,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(const at::Ten
                                                                    const std::optional<at::Tensor>& bias,
                                                                    const std::optional<at::Tensor>& residual,
                                                                    double eps, bool relu) {
-  check_input(input);
-  check_channel_vector(weight, input, "weight");
-  check_channel_vector(bias, input, "bias");
-  if (residual) {
-    TORCH_CHECK(residual->sizes() == input.sizes() && residual->scalar_type() == input.scalar_type() &&
-                    residual->device().is_cpu(),
-                "residual must match input (", input.scalar_type(), " of shape ", input.sizes(), " on the CPU), got ",
-                residual->scalar_type(), " of shape ", residual->sizes(), " on ", residual->device());
-  }
+  check_batch_norm_forward_args(input, weight, bias, residual, eps, c10::DeviceType::CPU);
   const auto r = residual ? residual->contiguous() : at::Tensor();
-  TORCH_CHECK(eps >= 0, "eps must be >= 0, got ", eps);
   const int64_t P = input.size(0), C = input.size(1), L = input.size(2);
   const double count = static_cast<double>(P * L);
   auto out = at::empty_like(input);
-  auto mean = at::empty({C}, input.options().dtype(stats_dtype(input)));
-  auto var = at::empty({C}, input.options().dtype(stats_dtype(input)));
+  auto mean = at::empty({C}, input.options().dtype(batch_norm_stats_dtype(input)));
+  auto var = at::empty({C}, input.options().dtype(batch_norm_stats_dtype(input)));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "batch_norm_relu_cpu", [&] {
     using S = typename StorageOf<scalar_t>::type;
     using T = Compute<S>;
@@ -383,24 +349,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& out,
     const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var, double eps, bool relu,
     bool residual_grad) {
-  check_input(input);
-  TORCH_CHECK(grad_out.sizes() == input.sizes() && grad_out.scalar_type() == input.scalar_type(),
-              "grad_out must match input (", input.scalar_type(), " of shape ", input.sizes(), "), got ",
-              grad_out.scalar_type(), " of shape ", grad_out.sizes());
-  TORCH_CHECK(out.sizes() == input.sizes() && out.scalar_type() == input.scalar_type(),
-              "out must match input (", input.scalar_type(), " of shape ", input.sizes(), "), got ",
-              out.scalar_type(), " of shape ", out.sizes());
-  check_channel_vector(weight, input, "weight");
-  check_channel_vector(mean, input, "mean");
-  check_channel_vector(var, input, "var");
+  check_batch_norm_backward_args(grad_out, input, out, weight, mean, var, c10::DeviceType::CPU);
   const int64_t P = input.size(0), C = input.size(1), L = input.size(2);
   const double count = static_cast<double>(P * L);
   const auto dy_c = grad_out.contiguous();
   const auto out_c = out.contiguous();
   auto grad_input = at::empty_like(input);
   // Parameter gradients in float32 for bfloat16 activations (the caller casts them to the parameters' dtype).
-  auto grad_weight = at::empty({C}, input.options().dtype(stats_dtype(input)));
-  auto grad_bias = at::empty({C}, input.options().dtype(stats_dtype(input)));
+  auto grad_weight = at::empty({C}, input.options().dtype(batch_norm_stats_dtype(input)));
+  auto grad_bias = at::empty({C}, input.options().dtype(batch_norm_stats_dtype(input)));
   auto grad_residual = residual_grad ? at::empty_like(input) : at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "batch_norm_relu_backward_cpu", [&] {
     using S = typename StorageOf<scalar_t>::type;
