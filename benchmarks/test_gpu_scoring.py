@@ -1,6 +1,7 @@
 """GPU benchmarks of the scoring ops (skipped without CUDA): global selection over 20 M / 138 M / 1 B scores
 against torch.kthvalue and torch.topk on the concatenation, and GraSP scoring of VGG19-CIFAR (100 images)
-and ResNet50 at ImageNet resolution (128 synthetic images) against the official loop.
+and ResNet50 at ImageNet resolution (128 synthetic images) against the official loop, each engine of graspext
+(the exact one also with its double backward replayed as a CUDA graph).
 
 Every timed call ends with torch.cuda.synchronize(); peak memory is torch.cuda.max_memory_allocated() above
 what was allocated before the call, stored in each benchmark's extra_info.
@@ -95,12 +96,14 @@ def resnet50_cuda():
     return model, x, y
 
 
-IMPLS = ["official", "exact", "forward_over_reverse", "finite_difference"]
+IMPLS = ["official", "exact", "exact_cuda_graphs", "forward_over_reverse", "finite_difference"]
 
 
 def _grasp(impl, model, x, y):
     if impl == "official":
         return grasp_official(model, x, y)
+    if impl == "exact_cuda_graphs":  # the double backward captured once and replayed per chunk
+        return grasp_graspext(model, x, y, engine="exact", cuda_graphs=True)
     return grasp_graspext(model, x, y, engine=impl)
 
 
@@ -116,13 +119,14 @@ def test_grasp_resnet50_imagenet_cuda(benchmark, resnet50_cuda, impl):
     _timed_with_peak(benchmark, _grasp, impl, *resnet50_cuda, rounds=3)
 
 
-def test_exact_masks_identical_to_official_cuda(vgg19_cuda, monkeypatch):
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_exact_masks_identical_to_official_cuda(vgg19_cuda, monkeypatch, cuda_graphs):
     """In float64 with deterministic cuDNN: float32 runs TF32 convolutions by default, and no two different
     programs (the official loop and graspext) round alike there, so near-threshold weights would flip."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     model, x, y = vgg19_cuda
     model, x = copy.deepcopy(model).double(), x.double()  # a copy: the fixture is shared
-    ours = grasp_graspext(model, x, y)
+    ours = grasp_graspext(model, x, y, cuda_graphs=cuda_graphs)
     ref = grasp_official(model, x, y)
     assert differences_from_official(ours, ref) == (1, 0)  # only the official `<=` threshold weight
 

@@ -55,9 +55,9 @@ def grasp_official(model, x, y, sparsity=0.98, seed=0):
                     exact_count=False)
 
 
-def grasp_graspext(model, x, y, sparsity=0.98, seed=0, engine="exact"):
+def grasp_graspext(model, x, y, sparsity=0.98, seed=0, engine="exact", **options):
     import graspext as gx
-    return gx.prune(model, "grasp", sparsity, (x, y), seed=seed, engine=engine)
+    return gx.prune(model, "grasp", sparsity, (x, y), seed=seed, engine=engine, **options)
 
 
 def differences_from_official(ours: dict, ref: dict) -> tuple[int, int]:

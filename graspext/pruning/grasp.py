@@ -52,6 +52,7 @@ class GraspOptions:
     fd_epsilon: float | None = None
     fd_freeze_activations: bool = True
     seed: int | None = None
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         check_positive(self.temperature, "temperature")
@@ -63,8 +64,11 @@ class GraspOptions:
         check_positive(self.fd_epsilon, "fd_epsilon", allow_none=True)
         check_bool(self.fd_freeze_activations, "fd_freeze_activations")
         check_int(self.seed, "seed", 0, allow_none=True)
+        check_bool(self.cuda_graphs, "cuda_graphs")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.cuda_graphs and self.engine != "exact":
+            raise ValueError(f"cuda_graphs applies to engine='exact' (its double backward), not {self.engine!r}")
 
 
 class _InnerWithConstant(torch.autograd.Function):
@@ -88,6 +92,63 @@ def _loss(model: nn.Module, x: Tensor, y: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(out / temperature, y)
 
 
+def _accumulate_hg(work: nn.Module, weights: list[Tensor], g: list[Tensor], x: Tensor, y: Tensor,
+                   temperature: float) -> int:
+    """Adds H_chunk g into each weight's .grad: the official z = <grad L_chunk, g>, then z.backward(). Returns
+    the number of logits."""
+    out = work(x)
+    D.check_logits(out, y)
+    grads = torch.autograd.grad(F.cross_entropy(out / temperature, y), weights, create_graph=True)
+    classes = out.shape[1]
+    del out
+    z = 0
+    for gi, gfi in zip(g, grads):
+        z += _InnerWithConstant.apply(gfi, gi)
+    del grads  # nothing in z's graph holds them: they are freed here
+    z.backward(inputs=weights)
+    return classes
+
+
+class _CapturedHessianProduct:
+    """:func:`_accumulate_hg` for chunks of one shape, captured once as a CUDA graph and replayed per chunk: the
+    double backward through train-mode BatchNorm is thousands of small kernels, launched from the host one by one
+    otherwise. The replay runs the same kernels in the same order, so the scores are those of the eager loop.
+
+    The first chunk runs eagerly on a side stream (cuDNN plans, autograd's buffers and each .grad exist before
+    capture); the graph then adds H_chunk g into those .grad tensors in place, as the eager accumulation does.
+    The graph checks no targets: the caller checks each chunk's against ``classes`` before replaying it.
+    """
+
+    def __init__(self, work: nn.Module, weights: list[Tensor], g: list[Tensor], first: tuple[Tensor, Tensor],
+                 temperature: float):
+        self.x, self.y = first[0].clone(), first[1].clone()  # the graph's inputs: each chunk is copied in
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.classes = _accumulate_hg(work, weights, g, self.x, self.y, temperature)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loss = F.cross_entropy(work(self.x) / temperature, self.y)
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            z = 0
+            for gi, gfi in zip(g, grads):
+                z += _InnerWithConstant.apply(gfi, gi)
+            del grads
+            # Explicit in-place sums into the .grad tensors that exist now (autograd's own accumulation may
+            # replace .grad by a new tensor, which a replay would then overwrite instead of adding to).
+            for w, hg in zip(weights, torch.autograd.grad(z, weights)):
+                w.grad.add_(hg)
+
+    def fits(self, x: Tensor, y: Tensor) -> bool:
+        return x.shape == self.x.shape and y.shape == self.y.shape and x.dtype == self.x.dtype
+
+    def __call__(self, x: Tensor, y: Tensor) -> None:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+
+
 @register
 class GraSP(Method):
     name = "grasp"
@@ -109,6 +170,8 @@ class GraSP(Method):
         o = self.options
         work, weights = working_copy(ctx)
         device, dtype = weights[0].device, weights[0].dtype
+        if o.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs the model on a CUDA device, got {device}")
         if o.reinit_linear:  # official: every nn.Linear of the copy, in module order
             reinit_xavier(work, [n for n, m in work.named_modules() if isinstance(m, nn.Linear)],
                           seeded_generator(o.seed))
@@ -146,14 +209,18 @@ class GraSP(Method):
         return self._finite_difference(ctx, work, list(ctx.modules), weights, chunks, g, patterns if freeze else None)
 
     def _exact(self, ctx, work, weights, chunks, g) -> list[Tensor]:
-        for cx, cy in chunks:
-            grads = torch.autograd.grad(_loss(work, cx, cy, self.options.temperature), weights, create_graph=True)
-            z = 0
-            for gi, gfi in zip(g, grads):
-                z += _InnerWithConstant.apply(gfi, gi)
-            del grads  # nothing in z's graph holds them: they are freed here
-            z.backward(inputs=weights)  # accumulates H_chunk g into .grad, as the official z.backward()
-        del g
+        temperature = self.options.temperature
+        captured = None
+        for c, (cx, cy) in enumerate(chunks):
+            if self.options.cuda_graphs and c == 0:
+                captured = _CapturedHessianProduct(work, weights, g, (cx, cy), temperature)  # runs chunk 0
+                for _, y_ in chunks[1:]:  # before any replay: the graph checks no targets
+                    D.check_targets(y_, captured.classes)
+            elif captured is not None and captured.fits(cx, cy):
+                captured(cx, cy)
+            else:
+                _accumulate_hg(work, weights, g, cx, cy, temperature)  # H_chunk g into .grad, in chunk order
+        del captured, g
         hg = ctx.sum_over_ranks_([w.grad for w in weights], weights)
         for w in weights:
             w.grad = None

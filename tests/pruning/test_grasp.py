@@ -134,9 +134,40 @@ def test_cuda_masks_identical_to_cpu_in_float64(make_model, monkeypatch, method,
         assert torch.equal(mask, cuda_masks[name].cpu()), name
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("num_chunks", [2, 3])
+def test_cuda_graphs_scores_identical_to_eager(make_model, monkeypatch, dtype, num_chunks):
+    """The captured double backward replays the eager loop's kernels: the same scores, bit for bit, and so the
+    same masks; with 3 chunks of 40 samples the last chunk has another shape and runs eagerly."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    x, y = class_sorted_batch(dtype=dtype)
+    for kind in ("vgg", "resnet"):
+        model = make_model(kind).to(dtype).cuda()
+        data = (x.cuda(), y.cuda())
+        eager = gx.scores(model, "grasp", data, seed=0, num_chunks=num_chunks)
+        graphed = gx.scores(model, "grasp", data, seed=0, num_chunks=num_chunks, cuda_graphs=True)
+        for name in eager:
+            assert torch.equal(eager[name], graphed[name]), (kind, name)
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_check_every_chunks_targets(make_model):
+    x, y = class_sorted_batch()
+    y[-1] = 99  # in the last chunk, which only a replay would see
+    with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 10\)"):
+        gx.prune(make_model("vgg").cuda(), "grasp", 0.9, (x.cuda(), y.cuda()), seed=0, cuda_graphs=True)
+
+
 def test_bad_options(make_model):
     model = make_model("vgg")
     data = class_sorted_batch()
+    with pytest.raises(ValueError, match="cuda_graphs applies to engine='exact'"):
+        gx.prune(model, "grasp", 0.9, data, engine="finite_difference", cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs needs the model on a CUDA device, got cpu"):
+        gx.prune(model, "grasp", 0.9, data, cuda_graphs=True)
+    with pytest.raises(TypeError, match="cuda_graphs must be"):
+        gx.prune(model, "grasp", 0.9, data, cuda_graphs=1)
     with pytest.raises(ValueError, match="engine must be one of"):
         gx.prune(model, "grasp", 0.9, data, engine="magic")
     with pytest.raises(ValueError, match="temperature must be a positive finite number"):
