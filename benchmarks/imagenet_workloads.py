@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import graspext as gx
 from graspext.pruning import masks_from_scores
 
-from sparse_workloads import ConvCase
+from sparse_workloads import ConvCase, distinct_convs, graphed_step
 
 SPARSITIES = (0.90, 0.95, 0.98)
 SCOPES = ("global", "layerwise")
@@ -46,8 +46,10 @@ class Workload:
     largest_stage_widths: tuple[int, ...] = ()
 
     @property
-    def key(self) -> str:
-        return f"{self.model}-{self.image}px-{self.classes}cls-b{self.batch}"
+    def masks_key(self) -> str:
+        """What the masks depend on (not the batch of the benchmarks)."""
+        return (f"{self.model}-{self.image}px-{self.classes}cls-{self.samples_per_class}spc-"
+                f"{self.scoring_chunks}chunks")
 
 
 WORKLOADS = {"resnet50": Workload("resnet50", 256, largest_stage_widths=(256, 512)),
@@ -94,13 +96,13 @@ def grasp_masks(w: Workload, sparsity: float, scope: str = "global", device: str
     """The GraSP masks at ``sparsity``; every sparsity and scope of the workload is made (and cached) at once."""
     if sparsity not in SPARSITIES or scope not in SCOPES:
         raise ValueError(f"sparsity must be one of {SPARSITIES} and scope one of {SCOPES}, got {sparsity}, {scope!r}")
-    path = cache_dir() / f"{w.key}-grasp-{scope}-{sparsity:g}.pt"
+    path = cache_dir() / f"{w.masks_key}-grasp-{scope}-{sparsity:g}.pt"
     if not path.exists():
         scores = grasp_scores(w, device)
         for s in SPARSITIES:
             for sc in SCOPES:
                 masks = masks_from_scores(scores, "grasp", s, scope=sc, on_collapse="ignore")
-                tmp = path.with_name(f"{w.key}-grasp-{sc}-{s:g}.pt.tmp")
+                tmp = path.with_name(f"{w.masks_key}-grasp-{sc}-{s:g}.pt.tmp")
                 masks.save(tmp)
                 tmp.replace(tmp.with_suffix(""))  # whole files only: a killed run leaves none half-written
     return gx.Masks.load(path)
@@ -108,27 +110,8 @@ def grasp_masks(w: Workload, sparsity: float, scope: str = "global", device: str
 
 @functools.cache
 def conv_layers(w: Workload) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Distinct Conv2d configurations of the model at batch ``w.batch``: key -> (first layer of it, input shape).
-
-    Keys read ``"<in>-><out> k<kernel> s<stride> <height>x<width>"`` (of the input), as at CIFAR."""
-    net = model(w)
-    found: dict[str, tuple] = {}
-    hooks = []
-    for layer_name, m in net.named_modules():
-        if isinstance(m, torch.nn.Conv2d):
-            def hook(mod, args, layer_name=layer_name):
-                x = args[0]
-                key = (f"{mod.in_channels}->{mod.out_channels} k{mod.kernel_size[0]} s{mod.stride[0]} "
-                       f"{x.shape[2]}x{x.shape[3]}")
-                found.setdefault(key, (layer_name, (w.batch, *x.shape[1:])))
-            hooks.append(m.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, 3, w.image, w.image))
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
+    """Distinct Conv2d configurations of the model at batch ``w.batch``: key -> (first layer of it, input shape)."""
+    return distinct_convs(model(w), w.image, w.batch)
 
 
 def parse_key(key: str) -> tuple[int, int, int, int, int]:
@@ -192,20 +175,8 @@ class ImageNetStep:
         self.opt.step()
 
     def graphed_step(self):
-        """The step captured once as a CUDA graph (warm-up on a side stream, gradients allocated inside the
-        graph); returns the replay. Raises where capture fails."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # optimizer state and cuDNN plans exist before capture
-                self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            self._loss().backward()
-            self.opt.step()
-        return graph.replay
+        """The step captured once as a CUDA graph; returns the replay (raises where capture fails)."""
+        return graphed_step(self.step, lambda: self._loss().backward(), self.opt)
 
 
 def main() -> None:
@@ -222,7 +193,7 @@ def main() -> None:
         start = time.perf_counter()
         masks = grasp_masks(w, SPARSITIES[-1], "global", args.device)
         seconds = time.perf_counter() - start
-        print(f"{w.key}: GraSP masks ({len(SPARSITIES)} sparsities x {len(SCOPES)} scopes) in {seconds:.1f} s "
+        print(f"{w.masks_key}: GraSP masks ({len(SPARSITIES)} sparsities x {len(SCOPES)} scopes) in {seconds:.1f} s "
               f"(cached under {cache_dir()}); at {SPARSITIES[-1]:.0%} global:")
         for layer, density in masks.layer_densities().items():
             print(f"  {layer}: density {density:.4f}")

@@ -47,10 +47,9 @@ def grasp_masks(name: str, sparsity: float, scope: str = "global") -> gx.Masks:
                     distributed=False)
 
 
-@functools.lru_cache(maxsize=None)
-def conv_layers(name: str) -> dict[str, tuple]:
-    """Distinct Conv2d configurations of a model at CIFAR input, batch BATCH: key -> (layer name, input shape)."""
-    net = model(name)
+def distinct_convs(net: torch.nn.Module, image: int, batch: int) -> dict[str, tuple]:
+    """Distinct Conv2d configurations of ``net`` on ``image`` x ``image`` input: key -> (the first layer of it, its
+    input shape at ``batch``); keys read ``"<in>-><out> k<kernel> s<stride> <height>x<width>"`` (of the input)."""
     found: dict[str, tuple] = {}
     hooks = []
     for layer_name, m in net.named_modules():
@@ -59,13 +58,23 @@ def conv_layers(name: str) -> dict[str, tuple]:
                 x = args[0]
                 key = (f"{mod.in_channels}->{mod.out_channels} k{mod.kernel_size[0]} s{mod.stride[0]} "
                        f"{x.shape[2]}x{x.shape[3]}")
-                found.setdefault(key, (layer_name, (BATCH, *x.shape[1:])))
+                found.setdefault(key, (layer_name, (batch, *x.shape[1:])))
             hooks.append(m.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        net.eval()(torch.zeros(2, 3, 32, 32))
-    for h in hooks:
-        h.remove()
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(2, 3, image, image))
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def conv_layers(name: str) -> dict[str, tuple]:
+    """Distinct Conv2d configurations of a model at CIFAR input, batch BATCH: key -> (layer name, input shape)."""
+    return distinct_convs(model(name), 32, BATCH)
 
 
 class ConvCase:
@@ -286,17 +295,22 @@ class StepCase:
         self.opt.step()
 
     def graphed_step(self):
-        """The step captured once as a CUDA graph (PyTorch's whole-network recipe: warm-up on a side stream, then
-        capture with the gradients allocated inside the graph); returns the replay. Raises where capture fails."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # optimizer state and cuDNN plans exist before capture
-                self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            F.cross_entropy(self.model(self.x), self.y).backward()
-            self.opt.step()
-        return graph.replay
+        return graphed_step(self.step, lambda: F.cross_entropy(self.model(self.x), self.y).backward(), self.opt)
+
+
+def graphed_step(step, backward, opt: torch.optim.Optimizer):
+    """A train step captured once as a CUDA graph (PyTorch's whole-network recipe: ``step`` three times on a side
+    stream, so that optimizer state and cuDNN plans exist, then ``backward()`` and ``opt.step()`` captured with the
+    gradients allocated inside the graph); returns the replay. Raises where capture fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        backward()
+        opt.step()
+    return graph.replay

@@ -239,3 +239,26 @@ def test_row_order_is_cached_per_index():
     out = ops.sparse_conv2d(xs, pattern.gather(weight.flip(0).cuda()), pattern, None, 1, 1)
     torch.testing.assert_close(out.cpu(), F.conv2d(x, weight.flip(0) * reversed_mask, None, 1, 1), rtol=1e-4,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [256, 12, 7])
+def test_linear_float32_vector_loads(n):
+    """A linear layer's input is a 1x1 image whose unit dimensions have arbitrary strides: batches that are
+    multiples of four still take the vector loads (7 the scalar ones); against float64 on the CPU."""
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(70, 96, generator=g) < 0.1
+    weight = torch.randn(70, 96, generator=g, dtype=torch.float64) * mask
+    x = torch.randn(n, 96, generator=g, dtype=torch.float64)
+    pattern = SparsePattern.from_mask(mask).to("cuda")
+    values = pattern.gather(weight.float().cuda()).requires_grad_()
+    xs = x.float().cuda().t().contiguous().t().requires_grad_()  # batch innermost, as the layers pass it
+    y = ops.sparse_linear(xs, values, pattern)
+    grad = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(grad.float().cuda())
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    yr = F.linear(xr, wr * mask)
+    yr.backward(grad)
+    tol = {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(y.cpu().double(), yr, **tol)
+    torch.testing.assert_close(xs.grad.cpu().double(), xr.grad, **tol)
+    torch.testing.assert_close(values.grad.cpu().double(), SparsePattern.from_mask(mask).gather(wr.grad), **tol)

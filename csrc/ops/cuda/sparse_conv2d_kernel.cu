@@ -153,21 +153,22 @@ __global__ void __launch_bounds__(kGatherThreads) gather_kernel(
   }
 }
 
-// Whether kVec-wide accesses along the batch are aligned in these tensors: the batch a multiple of kVec, every
-// other stride too, and the data pointers aligned to the pack (an offset view may not be).
 // Packs are at most 16 bytes (the widest load): float64 always takes the scalar kernels.
 template <typename scalar_t, int kVec>
 constexpr bool kPacks = sizeof(scalar_t) * kVec <= 16;
 
+// Whether kVec-wide accesses along the batch are aligned in these tensors: the batch a multiple of kVec, every
+// other stride too (but that of a dimension of size 1, never stepped: a linear layer's 1x1 image), and the data
+// pointers aligned to the pack (an offset view may not be).
 template <typename scalar_t, int kVec>
 bool packs_fit(int64_t batch, std::initializer_list<const at::Tensor*> tensors) {
   static_assert(kPacks<scalar_t, kVec>);
   if (batch % kVec) return false;
   for (const auto* t : tensors) {
-    if (t->stride(1) % kVec || t->stride(2) % kVec || t->stride(3) % kVec ||
-        reinterpret_cast<uintptr_t>(t->const_data_ptr()) % (sizeof(scalar_t) * kVec)) {
-      return false;
+    for (int d = 1; d < 4; ++d) {
+      if (t->size(d) > 1 && t->stride(d) % kVec) return false;
     }
+    if (reinterpret_cast<uintptr_t>(t->const_data_ptr()) % (sizeof(scalar_t) * kVec)) return false;
   }
   return true;
 }
