@@ -298,6 +298,19 @@ class StepCase:
         return graphed_step(self.step, lambda: F.cross_entropy(self.model(self.x), self.y).backward(), self.opt)
 
 
+def step_to_time(case, graphs: bool):
+    """``case.step``, or with ``graphs`` its CUDA-graph replay; a step whose capture fails is skipped with the error
+    (recorded in the results, not hidden)."""
+    if not graphs:
+        return case.step
+    try:
+        return case.graphed_step()
+    except RuntimeError as error:
+        import pytest
+
+        pytest.skip(f"CUDA graph capture failed: {error}")
+
+
 def graphed_step(step, backward, opt: torch.optim.Optimizer):
     """A train step captured once as a CUDA graph (PyTorch's whole-network recipe: ``step`` three times on a side
     stream, so that optimizer state and cuDNN plans exist, then ``backward()`` and ``opt.step()`` captured with the

@@ -23,7 +23,7 @@ import torch
 import graspext as gx
 
 import imagenet_workloads as W
-from sparse_workloads import ConvCase
+from sparse_workloads import ConvCase, step_to_time
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -87,12 +87,7 @@ def test_step(benchmark, model_name, config, sparsity, amp, channels_last, graph
         report = gx.nn.sparsity_report(case.model)
         benchmark.extra_info["modes"] = {mode: sum(r.mode == mode for r in report)
                                          for mode in sorted({r.mode for r in report})}
-    step = case.step
-    if graphs:
-        try:
-            step = case.graphed_step()
-        except RuntimeError as error:  # recorded, not hidden: the report lists the steps that could not
-            pytest.skip(f"CUDA graph capture failed: {error}")
+    step = step_to_time(case, graphs)
     benchmark.pedantic(_synchronized(step), rounds=10, warmup_rounds=3)
     del case, step
     if DEVICE == "cuda":

@@ -20,7 +20,7 @@ import torch
 import graspext as gx
 
 from sparse_workloads import (BATCH_NORM_SHAPES_IMAGENET, MODELS, SPARSITIES, BatchNormCase, ConvCase, LinearCase,
-                              StepCase, conv_layers)
+                              StepCase, conv_layers, step_to_time)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 os.environ["GRASPEXT_CUDA_SPARSE"] = "1"
@@ -101,12 +101,7 @@ def test_train_step_cuda(benchmark, model_name, sparsity, policy, graphs):
             benchmark.extra_info[f"{mode}_layers"] = sum(r.mode == mode for r in report)
         benchmark.extra_info["layers"] = len(report)
     benchmark.group = f"CUDA train step {model_name}" + (" (CUDA graph)" if graphs else "")
-    step = case.step
-    if graphs:
-        try:
-            step = case.graphed_step()
-        except RuntimeError as error:  # recorded, not hidden: the results table says which steps could not
-            pytest.skip(f"CUDA graph capture failed: {error}")
+    step = step_to_time(case, graphs)
     benchmark.pedantic(_synchronized(step), rounds=20, warmup_rounds=3)
 
 

@@ -38,32 +38,50 @@ def _check(x, weight, bias, eps, relu, tol, residual=None):
             torch.testing.assert_close(ours.grad, ref.grad, **tol)
 
 
-@hypothesis_settings(60)
-@given(
-    p=st.integers(1, 9), c=st.integers(1, 7), length=st.integers(1, 40), relu=st.booleans(), affine=st.booleans(),
-    residual=st.booleans(), offset=st.sampled_from([0.0, 3.0, -50.0]), seed=st.integers(0, 2**16),
-)
-def test_matches_torch_float64(p, c, length, relu, affine, residual, offset, seed):
+def problems(max_length: int):
+    """Draws of a float64 problem (and whether to fuse the ReLU) for the property tests of every backend."""
+    return {"p": st.integers(1, 9), "c": st.integers(1, 7), "length": st.integers(1, max_length),
+            "relu": st.booleans(), "affine": st.booleans(), "residual": st.booleans(),
+            "offset": st.sampled_from([0.0, 3.0, -50.0]), "seed": st.integers(0, 2**16)}
+
+
+def problem(p, c, length, affine, residual, offset, seed):
+    """(x, weight, bias, residual) for one draw of :func:`problems`, or None where a channel has one value (no
+    variance; rejected, see test_rejects_bad_input)."""
     if p * length < 2:
-        return  # one value per channel has no variance; rejected (test_rejects_bad_input)
+        return None
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(p, c, length, generator=g, dtype=torch.float64) * 2 + offset
     weight = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
     bias = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
     shortcut = torch.randn(p, c, length, generator=g, dtype=torch.float64) if residual else None
-    _check(x, weight, bias, 1e-5, relu, {}, shortcut)
+    return x, weight, bias, shortcut
+
+
+@hypothesis_settings(60)
+@given(**problems(max_length=40))
+def test_matches_torch_float64(relu, **draw):
+    drawn = problem(**draw)
+    if drawn is not None:
+        x, weight, bias, shortcut = drawn
+        _check(x, weight, bias, 1e-5, relu, {}, shortcut)
 
 
 @pytest.mark.parametrize("shape", [(1024, 16, 128), (16, 64, 128), (128, 8, 64), (4, 3, 2)])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("residual", [True, False])
 def test_matches_torch_float32(shape, relu, residual):
+    x, weight, bias, shortcut = float32_problem(shape, residual)
+    _check(x, weight, bias, 1e-5, relu, {"rtol": 1e-4, "atol": 1e-4}, shortcut)
+
+
+def float32_problem(shape, residual: bool):
+    """(x, weight, bias, residual or None) in float32, the input off zero mean and unit variance."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=g) * 3 + 1
     c = shape[1]
     shortcut = torch.randn(*shape, generator=g) if residual else None
-    _check(x, torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), 1e-5, relu, dict(rtol=1e-4, atol=1e-4),
-           shortcut)
+    return x, torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), shortcut
 
 
 def test_output_without_relu_may_be_modified_in_place():

@@ -4,11 +4,10 @@
 import pytest
 import torch
 from hypothesis import given
-from hypothesis import strategies as st
 
 from graspext import ops
 from tests.conftest import hypothesis_settings, skip_without_kernel
-from tests.ops.test_batch_norm_relu import _reference, _within_bf16_rounding
+from tests.ops.test_batch_norm_relu import _reference, _within_bf16_rounding, float32_problem, problem, problems
 
 pytestmark = pytest.mark.cuda
 
@@ -41,20 +40,13 @@ def _check_cuda(x, weight, bias, eps, relu, tol, residual=None):
 
 
 @hypothesis_settings(40)
-@given(
-    p=st.integers(1, 9), c=st.integers(1, 7), length=st.integers(1, 300), relu=st.booleans(), affine=st.booleans(),
-    residual=st.booleans(), offset=st.sampled_from([0.0, 3.0, -50.0]), seed=st.integers(0, 2**16),
-)
-def test_matches_torch_float64(p, c, length, relu, affine, residual, offset, seed):
-    """Rows shorter and longer than a block (length up to 300 against 256 threads), any channel count."""
-    if p * length < 2:
-        return
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(p, c, length, generator=g, dtype=torch.float64) * 2 + offset
-    weight = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
-    bias = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
-    shortcut = torch.randn(p, c, length, generator=g, dtype=torch.float64) if residual else None
-    _check_cuda(x, weight, bias, 1e-5, relu, {}, shortcut)
+@given(**problems(max_length=300))
+def test_matches_torch_float64(relu, **draw):
+    """The CPU suite's property test, with rows shorter and longer than a block (up to 300 against 256 threads)."""
+    drawn = problem(**draw)
+    if drawn is not None:
+        x, weight, bias, shortcut = drawn
+        _check_cuda(x, weight, bias, 1e-5, relu, {}, shortcut)
 
 
 # [H*W, C, N] of batch-innermost activations (ResNet-50's 7x7x2048 at batch 32, a 14x14 map at batch 4) and
@@ -63,12 +55,8 @@ def test_matches_torch_float64(p, c, length, relu, affine, residual, offset, see
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("residual", [True, False])
 def test_matches_torch_float32(shape, relu, residual):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(*shape, generator=g) * 3 + 1
-    c = shape[1]
-    shortcut = torch.randn(*shape, generator=g) if residual else None
-    _check_cuda(x, torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), 1e-5, relu,
-                {"rtol": 1e-4, "atol": 1e-4}, shortcut)
+    x, weight, bias, shortcut = float32_problem(shape, residual)
+    _check_cuda(x, weight, bias, 1e-5, relu, {"rtol": 1e-4, "atol": 1e-4}, shortcut)
 
 
 @pytest.mark.parametrize("shape", [(49, 64, 256), (9, 5, 37), (1, 7, 130)])

@@ -86,6 +86,16 @@ __global__ void __launch_bounds__(kSumThreads) moments_kernel(const scalar_t* __
   }
 }
 
+// The two sums of channel c over all ranges, added in range order.
+__device__ __forceinline__ void sum_ranges(const double* partial, int64_t ranges, int64_t C, int64_t c, double& a,
+                                           double& b) {
+  a = b = 0;
+  for (int64_t r = 0; r < ranges; ++r) {
+    a += partial[(r * 2) * C + c];
+    b += partial[(r * 2 + 1) * C + c];
+  }
+}
+
 // Per channel: the batch mean and biased variance, and y = x * scale + offset. One thread per channel.
 template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
 __global__ void statistics_kernel(const scalar_t* __restrict__ x, int64_t C, int64_t L, int64_t ranges, double count,
@@ -94,11 +104,8 @@ __global__ void statistics_kernel(const scalar_t* __restrict__ x, int64_t C, int
                                   T* __restrict__ scale, T* __restrict__ offset) {
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
-  double sum = 0, sq = 0;
-  for (int64_t r = 0; r < ranges; ++r) {
-    sum += partial[(r * 2) * C + c];
-    sq += partial[(r * 2 + 1) * C + c];
-  }
+  double sum, sq;
+  sum_ranges(partial, ranges, C, c, sum, sq);
   const double shift = static_cast<T>(x[c * L]);
   const double d = sum / count;
   const double var_c = fmax(0.0, sq / count - d * d);
@@ -182,11 +189,8 @@ __global__ void grad_coefficients_kernel(int64_t C, int64_t ranges, double count
                                          T* __restrict__ grad_bias) {
   const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (c >= C) return;
-  double sum_g = 0, sum_gx = 0;
-  for (int64_t r = 0; r < ranges; ++r) {
-    sum_g += partial[(r * 2) * C + c];
-    sum_gx += partial[(r * 2 + 1) * C + c];
-  }
+  double sum_g, sum_gx;
+  sum_ranges(partial, ranges, C, c, sum_g, sum_gx);
   const double invstd = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
   const double sum_g_xhat = sum_gx * invstd;
   const double ac = (weight ? static_cast<double>(weight[c]) : 1.0) * invstd;
