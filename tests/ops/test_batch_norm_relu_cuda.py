@@ -18,7 +18,7 @@ def _needs_kernel():
 
 
 def _leaf(t, device):
-    return t.to(device).requires_grad_() if t is not None else None
+    return t.detach().to(device, copy=True).requires_grad_() if t is not None else None
 
 
 def _check_cuda(x, weight, bias, eps, relu, tol, residual=None):
