@@ -93,20 +93,14 @@ def _loss(model: nn.Module, x: Tensor, y: Tensor, temperature: float) -> Tensor:
 
 
 def _accumulate_hg(work: nn.Module, weights: list[Tensor], g: list[Tensor], x: Tensor, y: Tensor,
-                   temperature: float) -> int:
-    """Adds H_chunk g into each weight's .grad: the official z = <grad L_chunk, g>, then z.backward(). Returns
-    the number of logits."""
-    out = work(x)
-    D.check_logits(out, y)
-    grads = torch.autograd.grad(F.cross_entropy(out / temperature, y), weights, create_graph=True)
-    classes = out.shape[1]
-    del out
+                   temperature: float) -> None:
+    """Adds H_chunk g into each weight's .grad: the official z = <grad L_chunk, g>, then z.backward()."""
+    grads = torch.autograd.grad(_loss(work, x, y, temperature), weights, create_graph=True)
     z = 0
     for gi, gfi in zip(g, grads):
         z += _InnerWithConstant.apply(gfi, gi)
     del grads  # nothing in z's graph holds them: they are freed here
     z.backward(inputs=weights)
-    return classes
 
 
 class _CapturedHessianProduct:
@@ -116,7 +110,7 @@ class _CapturedHessianProduct:
 
     The first chunk runs eagerly on a side stream (cuDNN plans, autograd's buffers and each .grad exist before
     capture); the graph then adds H_chunk g into those .grad tensors in place, as the eager accumulation does.
-    The graph checks no targets: the caller checks each chunk's against ``classes`` before replaying it.
+    The graph checks no targets (a check reads them on the host): pass 1 has checked every chunk's.
     """
 
     def __init__(self, work: nn.Module, weights: list[Tensor], g: list[Tensor], first: tuple[Tensor, Tensor],
@@ -125,7 +119,7 @@ class _CapturedHessianProduct:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.classes = _accumulate_hg(work, weights, g, self.x, self.y, temperature)
+            _accumulate_hg(work, weights, g, self.x, self.y, temperature)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -214,8 +208,6 @@ class GraSP(Method):
         for c, (cx, cy) in enumerate(chunks):
             if self.options.cuda_graphs and c == 0:
                 captured = _CapturedHessianProduct(work, weights, g, (cx, cy), temperature)  # runs chunk 0
-                for _, y_ in chunks[1:]:  # before any replay: the graph checks no targets
-                    D.check_targets(y_, captured.classes)
             elif captured is not None and captured.fits(cx, cy):
                 captured(cx, cy)
             else:
