@@ -210,7 +210,8 @@ BATCH_NORM_SHAPES_IMAGENET = ((64, 112), (256, 56), (512, 28), (1024, 14), (2048
 class BatchNormCase:
     """BatchNorm2d then ReLU, forward and backward in training mode: torch's modules on NCHW (and channels_last)
     input against graspext's layout modules on batch-innermost input (how each meets its input in a network):
-    the fused op on the CPU, torch's kernels on a view of the same storage on CUDA."""
+    the fused op on the CPU; on CUDA torch's kernels on a view of the same storage, or the fused op with
+    GRASPEXT_CUDA_FUSED_BN=1."""
 
     def __init__(self, channels: int, size: int, batch: int = BATCH, device: str = "cpu"):
         from graspext.nn.layout import fuse_batch_norm_relu, to_layout_module

@@ -32,10 +32,14 @@ SCHEDULES = ("exponential", "linear")
 ON_COLLAPSE = ("warn", "raise", "ignore")
 
 
-def _make_method(method: str, options: dict[str, Any]) -> Method:
+def _method_class(method: str) -> type[Method]:
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    return METHODS[method.lower()](**options)
+    return METHODS[method.lower()]
+
+
+def _make_method(method: str, options: dict[str, Any]) -> Method:
+    return _method_class(method)(**options)
 
 
 def _choice(value, name: str, choices: Sequence[str]) -> str:
@@ -232,8 +236,7 @@ def masks_from_scores(scores: Mapping[str, Tensor], method: str, sparsity: float
     ``distribution`` and ``on_collapse`` as for :func:`prune`."""
     sparsity = check_sparsity(sparsity)
     _check_selection(scope, distribution, on_collapse)
-    if not isinstance(method, str) or method.lower() not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    method_class = _method_class(method)
     if not isinstance(scores, Mapping):
         raise TypeError(f"scores must map parameter names to score tensors (as gx.scores returns), got "
                         f"{type(scores).__name__}")
@@ -246,10 +249,10 @@ def masks_from_scores(scores: Mapping[str, Tensor], method: str, sparsity: float
     sizes = [t.numel() for t in values]
     densities = (erk_densities([tuple(t.shape) for t in values], 1.0 - sparsity) if distribution == "erk"
                  else [1.0 - sparsity] * len(values))
-    masks, kept = _select(values, sparsity, sparsity, densities, sizes, scope, METHODS[method.lower()].remove_largest)
+    masks, kept = _select(values, sparsity, sparsity, densities, sizes, scope, method_class.remove_largest)
     collapsed = report_collapse(names, kept, on_collapse)
-    meta = {"method": method.lower(), "sparsity": sparsity, "scope": scope, "distribution": distribution, "rounds": 1,
-            "collapsed_layers": collapsed}
+    meta = {"method": method_class.name, "sparsity": sparsity, "scope": scope, "distribution": distribution,
+            "rounds": 1, "collapsed_layers": collapsed}
     return Masks({n: mk.to(t.device) for n, mk, t in zip(names, masks, values)}, meta)
 
 

@@ -124,16 +124,9 @@ def check_logits(out, y: Tensor) -> None:
     if out.ndim != 2 or out.shape[0] != y.shape[0]:
         raise ValueError(f"model: expected logits of shape ({y.shape[0]}, classes) for {y.shape[0]} targets, got "
                          f"{tuple(out.shape)}")
-    check_targets(y, out.shape[1])
-
-
-def check_targets(y: Tensor, classes: int) -> None:
-    """Raises unless ``y`` holds class indices in [0, classes) (one copy to the host)."""
-    if y.numel():
-        low, high = torch.stack([y.min(), y.max()]).tolist()
-        if low < 0 or high >= classes:
-            raise ValueError(f"data: targets must be class indices in [0, {classes}) for the model's {classes} "
-                             f"outputs, got values in [{low}, {high}]")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
+        raise ValueError(f"data: targets must be class indices in [0, {out.shape[1]}) for the model's "
+                         f"{out.shape[1]} outputs, got values in [{int(y.min())}, {int(y.max())}]")
 
 
 def split_chunks(x: Tensor, y: Tensor, num_chunks: int) -> list[tuple[Tensor, Tensor]]:

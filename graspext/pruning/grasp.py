@@ -92,15 +92,19 @@ def _loss(model: nn.Module, x: Tensor, y: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(out / temperature, y)
 
 
-def _accumulate_hg(work: nn.Module, weights: list[Tensor], g: list[Tensor], x: Tensor, y: Tensor,
-                   temperature: float) -> None:
-    """Adds H_chunk g into each weight's .grad: the official z = <grad L_chunk, g>, then z.backward()."""
-    grads = torch.autograd.grad(_loss(work, x, y, temperature), weights, create_graph=True)
+def _gradient_dot_g(loss: Tensor, weights: list[Tensor], g: list[Tensor]) -> Tensor:
+    """z = <grad loss, g> with the graph kept, whose gradient in the weights is H g (the official z)."""
+    grads = torch.autograd.grad(loss, weights, create_graph=True)
     z = 0
     for gi, gfi in zip(g, grads):
         z += _InnerWithConstant.apply(gfi, gi)
-    del grads  # nothing in z's graph holds them: they are freed here
-    z.backward(inputs=weights)
+    return z  # nothing in z's graph holds the gradients: they are freed on return
+
+
+def _accumulate_hg(work: nn.Module, weights: list[Tensor], g: list[Tensor], x: Tensor, y: Tensor,
+                   temperature: float) -> None:
+    """Adds H_chunk g into each weight's .grad: the official z = <grad L_chunk, g>, then z.backward()."""
+    _gradient_dot_g(_loss(work, x, y, temperature), weights, g).backward(inputs=weights)
 
 
 class _CapturedHessianProduct:
@@ -123,12 +127,7 @@ class _CapturedHessianProduct:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            loss = F.cross_entropy(work(self.x) / temperature, self.y)
-            grads = torch.autograd.grad(loss, weights, create_graph=True)
-            z = 0
-            for gi, gfi in zip(g, grads):
-                z += _InnerWithConstant.apply(gfi, gi)
-            del grads
+            z = _gradient_dot_g(F.cross_entropy(work(self.x) / temperature, self.y), weights, g)
             # Explicit in-place sums into the .grad tensors that exist now (autograd's own accumulation may
             # replace .grad by a new tensor, which a replay would then overwrite instead of adding to).
             for w, hg in zip(weights, torch.autograd.grad(z, weights)):

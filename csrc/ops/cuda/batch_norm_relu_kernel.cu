@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 
 #include "ops/batch_norm_relu.h"
 #include "ops/cuda/launch.cuh"
@@ -60,8 +62,9 @@ struct RowLanes {
 // partial[(r * 2 + 0) * C + c] and [(r * 2 + 1) * C + c]: the sum of (x - shift_c) and of its square over range r
 // of channel c. Grid (C, ranges).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kSumThreads) moments_kernel(const scalar_t* __restrict__ x, int64_t P, int64_t C,
-                                                               int64_t L, int64_t ranges, double* __restrict__ partial) {
+__global__ void __launch_bounds__(kSumThreads)
+    moments_kernel(const scalar_t* __restrict__ x, int64_t P, int64_t C, int64_t L, int64_t ranges,
+                   double* __restrict__ partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x, r = blockIdx.y;
   const int64_t p1 = range_bound(P, ranges, r + 1);
@@ -206,7 +209,8 @@ template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
 __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                   const scalar_t* __restrict__ out, scalar_t* __restrict__ dx,
                                   scalar_t* __restrict__ dr, int64_t rows, int64_t C, int64_t L,
-                                  const T* __restrict__ a, const T* __restrict__ k, const T* __restrict__ b, bool relu) {
+                                  const T* __restrict__ a, const T* __restrict__ k, const T* __restrict__ b,
+                                  bool relu) {
   for_each_row(rows, C, L, [&](int64_t o, int64_t c, int64_t lane, int64_t lanes) {
     const T ac = a[c], kc = k[c], bc = b[c];
     for (int64_t l = lane; l < L; l += lanes) {
@@ -235,6 +239,12 @@ const T* data_or_null(const at::Tensor& t) {
 
 int64_t ranges_of(int64_t P) { return std::min<int64_t>(P, kRanges); }
 
+// The grid of the per-channel sums: a block per (channel, range of P).
+dim3 sums_grid(int64_t C, int64_t ranges) {
+  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "batch_norm_relu (CUDA): at most 2^31 - 1 channels, got ", C);
+  return dim3(static_cast<unsigned>(C), static_cast<unsigned>(ranges));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(const at::Tensor& input,
                                                                     const std::optional<at::Tensor>& weight,
                                                                     const std::optional<at::Tensor>& bias,
@@ -251,7 +261,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(const at::Te
   auto var = at::empty({C}, input.options().dtype(stats));
   if (C == 0) return {out, mean, var};
   const int64_t ranges = ranges_of(P);
-  TORCH_CHECK(C <= 2147483647 && ranges <= 65535, "batch_norm_relu (CUDA): too many channels");
   auto partial = at::empty({ranges * 2 * C}, input.options().dtype(at::kDouble));
   auto scale = at::empty({C}, input.options().dtype(stats));
   auto offset = at::empty({C}, input.options().dtype(stats));
@@ -259,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "batch_norm_relu_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    moments_kernel<scalar_t><<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(ranges)), kSumThreads, 0,
-                               stream>>>(x, P, C, L, ranges, partial.data_ptr<double>());
+    moments_kernel<scalar_t><<<sums_grid(C, ranges), kSumThreads, 0, stream>>>(x, P, C, L, ranges,
+                                                                               partial.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     statistics_kernel<scalar_t><<<static_cast<unsigned>((C + kThreadsPerBlock - 1) / kThreadsPerBlock),
                                   kThreadsPerBlock, 0, stream>>>(
@@ -298,9 +307,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "batch_norm_relu_backward_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    grad_sums_kernel<scalar_t><<<dim3(static_cast<unsigned>(C), static_cast<unsigned>(ranges)), kSumThreads, 0,
-                                 stream>>>(dy.const_data_ptr<scalar_t>(), x, y.const_data_ptr<scalar_t>(), P, C, L,
-                                           ranges, m.const_data_ptr<T>(), relu, partial.data_ptr<double>());
+    grad_sums_kernel<scalar_t><<<sums_grid(C, ranges), kSumThreads, 0, stream>>>(
+        dy.const_data_ptr<scalar_t>(), x, y.const_data_ptr<scalar_t>(), P, C, L, ranges, m.const_data_ptr<T>(), relu,
+        partial.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     T* coef = coefficients.data_ptr<T>();
     grad_coefficients_kernel<T><<<static_cast<unsigned>((C + kThreadsPerBlock - 1) / kThreadsPerBlock),
